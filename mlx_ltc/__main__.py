@@ -1,0 +1,3 @@
+from mlx_ltc.cli import main
+
+main()

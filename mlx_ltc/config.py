@@ -1,0 +1,157 @@
+"""Run configuration: plain dataclasses, merged from defaults <- YAML file <- command-line flags.
+
+Every key and type is checked; a mistake is a UserError that names the key.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_ltc.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # built-in name, local mlx-lm/HF directory, or Hugging Face id
+    bits: int = 4  # used when the model is not already quantized
+    group_size: int = 64
+    dequantize: str = "auto"  # auto: dequantize to float32 on the CPU backend | always | never
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 512
+    val_fraction: float = 0.1  # of the repo's tokens, held out by whole files
+    max_file_bytes: int = 1_000_000
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    scale: float = 2.0  # mlx-lm's convention: the update is scale * x @ A @ B
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["self_attn", "mlp"])  # module-path prefixes in each layer
+    layers: int = -1  # adapt the last N transformer layers; -1 = all
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None  # None: run `epochs` over the training windows
+    epochs: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    grad_checkpoint: bool = False
+    eval_batch_size: int = 4
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dequantize": ("auto", "always", "never"),
+    "model.bits": (2, 3, 4, 5, 6, 8),
+    "model.group_size": (32, 64, 128),
+}
+_POSITIVE = {
+    "data.seq_len",
+    "data.max_file_bytes",
+    "lora.rank",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.eval_batch_size",
+    "train.max_steps",
+}
+
+
+def _check_type(key, value, hint):
+    if typing.get_origin(hint) is typing.Union:  # Optional[int]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"config: {key} must be a list of strings, got {value!r}")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def merge(config: Config, updates: dict, source: str = "") -> Config:
+    """Apply a nested dict of overrides, rejecting unknown keys and wrong types."""
+    where = f" (in {source})" if source else ""
+    if not isinstance(updates, dict):
+        raise UserError(f"config{where}: expected a mapping of sections, got {type(updates).__name__}")
+    for section, values in updates.items():
+        if section not in {f.name for f in dataclasses.fields(config)}:
+            raise UserError(f"config{where}: unknown section {section!r}")
+        if values is None:
+            continue
+        target = getattr(config, section)
+        if not isinstance(values, dict):
+            raise UserError(f"config{where}: section {section!r} must be a mapping")
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                raise UserError(f"config{where}: unknown key {section}.{key}")
+            setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    for section in dataclasses.fields(config):
+        for f in dataclasses.fields(getattr(config, section.name)):
+            key, value = f"{section.name}.{f.name}", getattr(getattr(config, section.name), f.name)
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise UserError(f"config: {key} must be one of {', '.join(map(str, _CHOICES[key]))}; got {value!r}")
+            if key in _POSITIVE and value is not None and value < 1:
+                raise UserError(f"config: {key} must be at least 1, got {value}")
+    if config.data.seq_len < 16:
+        raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
+    if not 0 < config.data.val_fraction < 0.5:
+        raise UserError(f"config: data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
+    if config.train.lr <= 0 or config.train.epochs <= 0:
+        raise UserError("config: train.lr and train.epochs must be positive")
+    if not config.lora.targets:
+        raise UserError("config: lora.targets must name at least one module")
+
+
+def load_file(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return data or {}
+
+
+def build(config_file=None, overrides: dict | None = None) -> Config:
+    config = Config()
+    if config_file is not None:
+        merge(config, load_file(config_file), source=str(config_file))
+    return merge(config, overrides or {}, source="command line")

@@ -1,0 +1,140 @@
+"""`mlx-ltc train`: repo -> dataset -> base eval -> LoRA training -> adapted eval -> report.
+
+The run directory is written as it goes; `COMPLETE` is written last, so a directory without it is
+never mistaken for a finished run.
+"""
+
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlx_ltc import __version__, atomic, data, hardware, models, train
+from mlx_ltc.config import Config
+from mlx_ltc.errors import UserError
+from mlx_ltc.eval import perplexity
+
+COMPLETE = "COMPLETE"
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> bool:
+    """Refuse to touch a finished run or a foreign directory; True when an old run must be replaced."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return False
+    if (out / COMPLETE).exists() and not overwrite:
+        raise UserError(f"{out} already holds a finished run; choose another --out or pass --overwrite")
+    if not (out / "config.json").exists() and not (out / COMPLETE).exists():
+        raise UserError(f"--out {out} is a non-empty directory that is not an mlx-ltc run; refusing to write into it")
+    if not overwrite:
+        raise UserError(f"{out} holds an unfinished run; pass --overwrite to replace it")
+    return True
+
+
+def default_out(repo: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{repo.resolve().name or 'repo'}-{stamp}"
+
+
+def run_train(
+    cfg: Config, repo: Path, out: Path, overwrite: bool = False, cache_dir=None, progress: bool = True
+) -> dict:
+    started = time.perf_counter()
+    out = Path(out)
+    replace = check_out_dir(out, overwrite)
+    scan = data.scan(repo, cfg.data.max_file_bytes)  # cheap input errors before any model work
+    cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
+    _log(f"model: resolving {cfg.model.name}")
+    model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    loaded = models.load(model_dir, cfg.model.dequantize)
+    dataset = data.build(scan, loaded.tokenizer, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
+    m = dataset.meta
+    _log(
+        f"data: {len(m['files']['train'])} train / {len(m['files']['val'])} val files, "
+        f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, "
+        f"{m['windows']['train']} / {m['windows']['val']} windows of {cfg.data.seq_len}"
+        + (f"; skipped {sum(m['skipped_counts'].values())} files {m['skipped_counts']}" if m["skipped"] else "")
+    )
+    compute = {
+        **hardware.describe(),
+        "dequantized": loaded.dequantized,
+        "dtype": loaded.dtype,
+    }
+    if replace:  # only now that the inputs are known to be good
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(
+        out / "config.json",
+        {
+            "mlx_ltc_version": __version__,
+            "argv": sys.argv,
+            "repo": str(scan.root),
+            "config": cfg.to_dict(),
+            "model_dir": str(model_dir),
+            "compute": compute,
+        },
+    )
+    dataset.save(out / "data")
+
+    _log("eval: base model")
+    base = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval base", progress=progress)
+    _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
+    adapter_config = train.apply_lora(loaded.model, cfg.lora, seed=cfg.train.seed)
+    adapter_config.update(
+        {
+            "model": cfg.model.name,
+            "base_model_dir": str(model_dir),
+            "seq_len": cfg.data.seq_len,
+            "tokenizer_hash": m["tokenizer_hash"],
+        }
+    )
+    result = train.train(loaded.model, dataset.train, cfg.train, out / "metrics.jsonl", progress=progress)
+    train.save_adapters(loaded.model, out / "adapters", adapter_config)
+    adapted = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval adapted", progress=progress)
+
+    def ppl(p):
+        return {"val_loss": p.loss, "val_ppl": p.ppl, "val_tokens": p.tokens}
+
+    report = {
+        "mlx_ltc_version": __version__,
+        "model": cfg.model.name,
+        "model_dir": str(model_dir),
+        "adapter_dir": str(out / "adapters"),
+        "repo": str(scan.root),
+        "compute": compute,
+        "data": {k: m[k] for k in ("windows", "tokens", "skipped_counts")}
+        | {"files": {k: len(v) for k, v in m["files"].items()}},
+        "base": ppl(base),
+        "adapted": ppl(adapted),
+        "train": asdict(result),
+        "wall_s": time.perf_counter() - started,
+    }
+    atomic.write_json(out / "report.json", report)
+    atomic.write_text(out / "summary.txt", summary(report))
+    atomic.write_text(out / COMPLETE, datetime.now(timezone.utc).isoformat() + "\n")
+    return report
+
+
+def summary(report: dict) -> str:
+    b, a, t = report["base"], report["adapted"], report["train"]
+    change = (a["val_ppl"] / b["val_ppl"] - 1) * 100
+    minutes, seconds = divmod(int(t["wall_s"]), 60)
+    return (
+        f"fine-tuned {report['model']} on {Path(report['repo']).name} "
+        f"({report['data']['files']['train']} train / {report['data']['files']['val']} val files)\n"
+        f"  validation perplexity: base {b['val_ppl']:.3f} -> adapted {a['val_ppl']:.3f} ({change:+.1f}%), "
+        f"over {a['val_tokens']:,} tokens\n"
+        f"  training: {t['steps']} steps, {t['tokens']:,} tokens in {minutes}m{seconds:02d}s "
+        f"({t['tokens_per_s']:.0f} tokens/s), peak memory {t['peak_memory_gb']:.2f} GB\n"
+        f"  adapters: {report['adapter_dir']}\n"
+        f"  try: mlx_lm.generate --model {report['model_dir']} --adapter-path {report['adapter_dir']} --prompt '...'\n"
+    )

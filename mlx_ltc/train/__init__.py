@@ -1,0 +1,204 @@
+"""Train LoRA adapters on a (4-bit, or dequantized on CPU) mlx-lm model.
+
+The LoRA layers are mlx-lm's own, and adapters are saved in mlx-lm's format
+(adapters.safetensors + adapter_config.json), so `mlx_lm.generate --adapter-path` and
+`mlx_lm.fuse` accept them. Gradient accumulation is token-weighted: the update is exactly the
+mean-over-tokens gradient of all micro-batches together.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_ltc import atomic, hardware
+from mlx_ltc.config import LoraConfig, TrainConfig
+from mlx_ltc.data import Windows
+from mlx_ltc.errors import UserError
+from mlx_ltc.train.loss import nll_sum
+
+__all__ = ["TrainResult", "accumulate_gradients", "apply_lora", "batches", "save_adapters", "train"]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    peak_memory_gb: float
+    final_loss: float
+    trainable_params: int
+
+
+def lora_keys(model, cfg: LoraConfig) -> list:
+    """Linear layers inside each transformer block whose path starts with a target prefix."""
+    layer = model.layers[0]
+    keys = sorted(
+        name
+        for name, m in layer.named_modules()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+        and any(name == t or name.startswith(t + ".") for t in cfg.targets)
+    )
+    if not keys:
+        linears = sorted(n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+        raise UserError(f"lora.targets {cfg.targets} match no linear layer; this model has: {', '.join(linears)}")
+    return keys
+
+
+def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> dict:
+    """Freeze the model, add mlx-lm LoRA layers, return the mlx-lm adapter config."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers) if cfg.layers < 0 else min(cfg.layers, len(model.layers))
+    params = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": lora_keys(model, cfg)}
+    model.freeze()
+    mx.random.seed(seed)
+    linear_to_lora_layers(model, n_layers, params)
+    return {"fine_tune_type": "lora", "num_layers": n_layers, "lora_parameters": params}
+
+
+def save_adapters(model, adapter_dir: Path, adapter_config: dict) -> None:
+    adapter_dir = Path(adapter_dir)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    with atomic.atomic_path(adapter_dir / "adapters.safetensors") as tmp:
+        mx.save_safetensors(str(tmp), weights)
+    atomic.write_json(adapter_dir / "adapter_config.json", adapter_config)
+
+
+def batches(windows: Windows, batch_size: int, rng=None):
+    """Yield (tokens (B, T) int32, lengths (B,)) batches; shuffled when rng is given."""
+    order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
+    for start in range(0, len(order), batch_size):
+        rows = [windows.rows[i] for i in order[start : start + batch_size]]
+        tokens = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = r
+        yield mx.array(tokens), mx.array([len(r) for r in rows])
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay = max(total_steps - warmup - 1, 1)
+
+    def schedule(step):  # step = updates already applied
+        step = step.astype(mx.float32)
+        warm = cfg.lr * (step + 1) / max(warmup, 1)
+        progress = mx.clip((step - warmup) / decay, 0.0, 1.0)
+        cosine = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + mx.cos(math.pi * progress)))
+        return mx.where(step < warmup, warm, cosine)
+
+    return schedule
+
+
+def enable_grad_checkpoint(model):
+    """Recompute each transformer block in the backward pass. The checkpointed __call__ lives on a
+    per-model subclass, so module paths (and thus adapter names) and other models are unchanged."""
+    for layer in model.layers:
+        base = type(layer)
+
+        def call(self, *args, _base=base, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _base.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(base.__name__ + "Checkpointed", (base,), {"__call__": call})
+
+
+def accumulate_gradients(loss_and_grad, model, micro_batches):
+    """Mean-over-tokens gradient of several micro-batches, as if they were one batch.
+    Returns (grads, summed loss, token count)."""
+    grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0)
+    for batch_tokens, lengths in micro_batches:
+        (s, n), g = loss_and_grad(model, batch_tokens, lengths)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum, tokens = loss_sum + s, tokens + n
+        mx.eval(grads, loss_sum, tokens)  # one micro-batch's graph alive at a time
+    return tree_map(lambda g: g / tokens, grads), loss_sum, tokens
+
+
+def train(model, windows: Windows, cfg: TrainConfig, metrics_path: Path, progress: bool = True) -> TrainResult:
+    if len(windows) == 0:
+        raise UserError("the training split is empty")
+    from tqdm import tqdm
+
+    per_update = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(windows) / per_update))
+    if cfg.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    schedule = lr_schedule(cfg, steps)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    loss_and_grad = nn.value_and_grad(model, nll_sum)
+    rng = np.random.default_rng(cfg.seed)
+
+    def endless():
+        while True:
+            yield from batches(windows, cfg.batch_size, rng)
+
+    stream = endless()
+    model.train()
+    hardware.reset_peak_memory()
+    n_trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    seen_tokens, loss = 0, float("nan")
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+    with open(metrics_path, "w", encoding="utf-8") as metrics:
+        for step in range(1, steps + 1):
+            micro_batches = (next(stream) for _ in range(cfg.grad_accum))
+            grads, loss_total, tokens = accumulate_gradients(loss_and_grad, model, micro_batches)
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            lr = schedule(mx.array(step - 1))
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+            seen_tokens += tokens.item()
+            loss = (loss_total / tokens).item()
+            elapsed = time.perf_counter() - start
+            row = {
+                "step": step,
+                "loss": loss,
+                "lr": lr.item(),
+                "grad_norm": grad_norm.item(),
+                "tokens": seen_tokens,
+                "tokens_per_s": seen_tokens / elapsed,
+                "peak_memory_gb": hardware.peak_memory_gb(),
+                "elapsed_s": elapsed,
+            }
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_memory_gb']:.2f}GB"
+            )
+            bar.update(1)
+            if (
+                progress and bar.disable and (step % max(1, steps // 20) == 0 or step == steps)
+            ):  # no terminal: plain lines
+                print(
+                    f"train: step {step}/{steps} loss {loss:.4f} {row['tokens_per_s']:.0f} tok/s "
+                    f"peak {row['peak_memory_gb']:.2f} GB {elapsed:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    bar.close()
+    wall = time.perf_counter() - start
+    return TrainResult(
+        steps=steps,
+        tokens=seen_tokens,
+        wall_s=wall,
+        tokens_per_s=seen_tokens / wall,
+        peak_memory_gb=hardware.peak_memory_gb(),
+        final_loss=loss,
+        trainable_params=n_trainable,
+    )

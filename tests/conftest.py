@@ -1,0 +1,70 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_ltc.hardware import ensure_fast_blas
+
+ensure_fast_blas(module="pytest")  # on Linux, re-run pytest once with OpenBLAS preloaded (see DEVELOPERS.md)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One model cache for the whole session (the embedded model is materialised once)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MLX_LTC_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(cache_dir):
+    from mlx_ltc import models
+
+    return models.resolve("smollm2-135m", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(cache_dir):
+    from mlx_ltc import models
+
+    return models.resolve("tiny-starcoder2", cache_dir)
+
+
+def write_files(root: Path, files: dict) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return root
+
+
+@pytest.fixture
+def small_repo(tmp_path):
+    """A small multi-file Python package, enough text for a few windows per split."""
+    files = {}
+    for i in range(8):
+        body = "\n\n".join(
+            f'def func_{i}_{j}(x, y={j}):\n    """Return a mix of x and {j}."""\n    total = x * {j} + y\n'
+            f"    for k in range({j + 2}):\n        total += k * x\n    return total"
+            for j in range(12)
+        )
+        files[f"pkg/mod_{i}.py"] = f"import math\nfrom pkg import mod_{max(i - 1, 0)}\n\n{body}\n"
+    files["README.md"] = "# pkg\n\nA small package used in tests.\n"
+    return write_files(tmp_path / "repo", files)
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run `python -m mlx_ltc ...` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_ltc", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )

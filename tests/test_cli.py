@@ -1,0 +1,172 @@
+"""The command as a user runs it: a subprocess, checked for its files, its exit code and its stderr."""
+
+import json
+import math
+
+import pytest
+from conftest import run_cli, write_files
+
+import mlx_ltc
+
+TINY = ("--model", "tiny-starcoder2", "--seq-len", "64", "--quiet")
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and mlx_ltc.__version__ in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("e2e")
+    files = {
+        f"src/m{i}.py": "".join(f"def f{i}_{j}(a):\n    return a + {i * j}\n\n" for j in range(40)) for i in range(6)
+    }
+    repo = write_files(root / "repo", files)
+    out = root / "run"
+    proc = run_cli("train", "--repo", repo, "--out", out, "--max-steps", "6", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    return repo, out, proc
+
+
+def test_train_writes_a_complete_run(tiny_run):
+    repo, out, proc = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    for key in ("base", "adapted"):
+        assert report[key]["val_tokens"] > 0
+        assert math.isclose(report[key]["val_ppl"], math.exp(report[key]["val_loss"]), rel_tol=1e-9)
+    assert report["compute"]["dequantized"] is True  # CPU backend here
+    assert (out / "adapters" / "adapters.safetensors").is_file()
+    config = json.loads((out / "adapters" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 8
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7)) and all("loss" in m for m in metrics)
+    meta = json.loads((out / "data" / "metadata.json").read_text())
+    train_files = {f["path"] for f in meta["files"]["train"]}
+    assert train_files and not train_files & {f["path"] for f in meta["files"]["val"]}
+    assert (out / "COMPLETE").is_file()
+    assert "validation perplexity" in proc.stdout
+
+
+def test_mlx_lm_loader_reproduces_the_reported_validation_loss(tiny_run):
+    """The adapter in mlx-lm's own loader (4-bit model, not our dequantized copy) gives our number."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out, _ = tiny_run
+    script = Path(__file__).resolve().parents[1] / "scripts" / "verify_adapters.py"
+    proc = subprocess.run([sys.executable, script, out], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK (tolerance 0.001)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_finished_run_is_never_overwritten_by_accident(tiny_run):
+    repo, out, _ = tiny_run
+    before = (out / "report.json").read_text()
+    proc = run_cli("train", "--repo", repo, "--out", out, "--max-steps", "1", *TINY)
+    assert_one_line_error(proc, "already holds a finished run")
+    assert (out / "report.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "files, args, message",
+    [
+        (None, (), "does not exist"),
+        ({}, (), "is empty"),
+        ({"a.bin": b"\0\1", "b.dat": b"\xff\xfe\0"}, (), "no text source files"),
+        ({"only.py": "x = 1\n"}, (), "at least 2 are needed"),
+        ({"a.py": "x = 1\n", "b.py": "y = 2\n"}, ("--model", "no-such-model"), "not found"),
+        ({"a.py": "x = 1\n", "b.py": "y = 2\n"}, ("--seq-len", "4"), "data.seq_len must be at least 16"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, cache_dir, files, args, message):
+    repo = tmp_path / "repo"
+    if files is not None:
+        repo.mkdir()
+        write_files(repo, files)
+    out = tmp_path / "out"
+    proc = run_cli("train", "--repo", repo, "--out", out, "--max-steps", "1", "--model", "tiny-starcoder2", *args)
+    assert_one_line_error(proc, message)
+    assert not out.exists()
+
+
+def test_bad_config_file_is_one_line(tmp_path, small_repo):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  learning_rate: 0.1\n")
+    proc = run_cli("train", "--repo", small_repo, "--out", tmp_path / "o", "--config", cfg)
+    assert_one_line_error(proc, "unknown key train.learning_rate")
+
+
+def test_unfinished_run_needs_overwrite(tmp_path, small_repo):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    proc = run_cli("train", "--repo", small_repo, "--out", out, "--max-steps", "1", *TINY)
+    assert_one_line_error(proc, "unfinished run")
+    (out / "x").write_text("")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    proc = run_cli("train", "--repo", small_repo, "--out", foreign, "--overwrite", *TINY)
+    assert_one_line_error(proc, "not an mlx-ltc run")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_mlx_lm_fuse_and_generate_accept_our_adapters(tiny_run, tmp_path):
+    """mlx-lm's own commands take the adapter directory; the fused model computes what the adapter does."""
+    import subprocess
+    import sys
+
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    _, out, _ = tiny_run
+    model_dir = json.loads((out / "report.json").read_text())["model_dir"]
+    adapters = str(out / "adapters")
+    fused = tmp_path / "fused"
+    mlx_lm = [sys.executable, "-m", "mlx_lm"]
+    proc = subprocess.run(
+        [*mlx_lm, "fuse", "--model", model_dir, "--adapter-path", adapters, "--save-path", fused],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(
+        [
+            *mlx_lm,
+            "generate",
+            "--model",
+            model_dir,
+            "--adapter-path",
+            adapters,
+            "--prompt",
+            "def f",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "Generation:" in proc.stdout, proc.stderr
+    ids = mx.array([[5, 600, 7000, 80, 9, 10, 11]])
+    with_adapter, _ = load(model_dir, adapter_path=adapters)
+    fused_model, _ = load(str(fused))
+    # fusing re-quantizes W + BA to 4 bits, so agreement is to quantization error, not exact
+    a, b = with_adapter(ids), fused_model(ids)
+    assert (a.argmax(-1) == b.argmax(-1)).mean().item() >= 0.8
+    assert mx.abs(a - b).mean().item() < 0.1 * mx.abs(a).mean().item()
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(tiny_run, tmp_path):
+    _, out, _ = tiny_run
+    before = sorted(p.name for p in out.iterdir())
+    proc = run_cli("train", "--repo", tmp_path / "missing", "--out", out, "--overwrite", *TINY)
+    assert_one_line_error(proc, "does not exist")
+    assert sorted(p.name for p in out.iterdir()) == before
