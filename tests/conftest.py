@@ -5,10 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from mlx_ltc.hardware import ensure_fast_blas
-
-ensure_fast_blas(module="pytest")  # on Linux, re-run pytest once with OpenBLAS preloaded (see DEVELOPERS.md)
-
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):

@@ -111,7 +111,7 @@ def build(repo: RepoScan, tokenizer, seq_len: int, val_fraction: float = 0.1, se
     else:
         headers = [f"### {f.path}\n" for f in repo.files]
         repo_header = f"### repository: {repo.name}\n"
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     segments = encode([h + f.text + ("" if fmt["file"] else "\n") for h, f in zip(headers, repo.files)])
     head = encode([repo_header])[0]
     tail = [tokenizer.convert_tokens_to_ids(fmt["eos"])] if fmt["eos"] else []

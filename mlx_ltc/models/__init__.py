@@ -102,7 +102,7 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
     """Load with mlx-lm. On the CPU backend 4-bit matmuls are slow, so by default the weights are
     dequantized to float32 there: the same numbers the 4-bit model represents, computed fast."""
     import mlx.core as mx
-    from mlx.utils import tree_map
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.utils import dequantize_model, load_model
     from transformers import AutoTokenizer
 
@@ -121,7 +121,7 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         model.update(
             tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
         )
-    dtypes = {p.dtype for _, p in _leaves(model) if mx.issubdtype(p.dtype, mx.floating)}
+    dtypes = {p.dtype for _, p in tree_flatten(model.parameters()) if mx.issubdtype(p.dtype, mx.floating)}
     model.freeze()
     return LoadedModel(
         model=model,
@@ -132,8 +132,3 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         dtype=",".join(sorted(str(d).split(".")[-1] for d in dtypes)),
     )
 
-
-def _leaves(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
