@@ -1,5 +1,6 @@
 """The `mlx-ltc` command line."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
 def main():
     from mlx_ltc import hardware
 
+    # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
     if warning and len(sys.argv) > 1 and sys.argv[1] == "train":
         click.echo(f"warning: {warning}", err=True)
