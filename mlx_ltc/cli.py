@@ -29,6 +29,25 @@ def cli():
     """Fine-tune a code model on your repository with long context, on the machine you own."""
 
 
+def _memory_options(f):
+    """Switch each part of the memory engine off, for comparison with stock MLX."""
+    for name, what in (
+        ("staged", "staged execution (one lazy graph per step instead)"),
+        ("chunked-loss", "the chunked cross-entropy (full L x V logits instead)"),
+        ("efficient-attention", "the O(L)-memory attention (MLX's scaled_dot_product_attention instead)"),
+    ):
+        f = click.option(f"--no-{name}", f"no_{name.replace('-', '_')}", is_flag=True, help=f"Turn off {what}.")(f)
+    return f
+
+
+def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention=False) -> dict:
+    return {
+        "staged": False if no_staged else None,
+        "loss": "full" if no_chunked_loss else None,
+        "attention": "stock" if no_efficient_attention else None,
+    }
+
+
 @cli.command("train")
 @click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository to train on.")
 @click.option(
@@ -48,7 +67,8 @@ def cli():
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet):
+@_memory_options
+def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, **memory):
     """Build a dataset from REPO, train LoRA adapters, report validation perplexity before/after."""
     from mlx_ltc import config, run
 
@@ -56,11 +76,44 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
         "model": {"name": model, "bits": bits, "group_size": group_size},
         "data": {"seq_len": seq_len},
         "train": {"max_steps": max_steps},
+        "memory": _memory_flags(**memory),
     }
     overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
     cfg = config.build(config_file, overrides)
     report = run.run_train(cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet)
     click.echo(run.summary(report), nl=False)
+
+
+@cli.command("profile")
+@click.option("--model", default=None, help="Model to profile [default: the config's, smollm2-135m].")
+@click.option("--memory-budget", default=None, help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows].")
+@click.option("--max-len", type=int, default=None, help="Longest length to try [default: 8192 on CPU, 131072 on GPU].")
+@click.option("--granularity", type=int, default=256, show_default=True, help="Bisection stops at this resolution.")
+@click.option("--start", type=int, default=256, show_default=True, help="First length tried (then doubled).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the profile here.")
+@click.option("--force", is_flag=True, help="Measure again even when a cached profile matches.")
+@_memory_options
+def profile_cmd(model, memory_budget, max_len, granularity, start, batch_size, config_file, json_out, force, **memory):
+    """Measure this machine and find the longest sequence a real training step fits in the budget."""
+    from mlx_ltc import atomic, config, models
+    from mlx_ltc.hardware import profile
+
+    if min(granularity, start, batch_size) < 1 or (max_len is not None and max_len < start):
+        raise UserError("--granularity, --start and --batch-size must be positive, and --max-len at least --start")
+    overrides = {"memory": {k: v for k, v in _memory_flags(**memory).items() if v is not None}}
+    if model:
+        overrides["model"] = {"name": model}
+    cfg = config.build(config_file, overrides)
+    budget = profile.parse_size(memory_budget) if memory_budget else None
+    log = lambda line: click.echo(line, err=True)
+    result = profile.run_profile(
+        cfg, budget, models.default_cache_dir(), max_len, granularity, start, batch_size, force, log
+    )
+    if json_out:
+        atomic.write_json(json_out, result)
+    click.echo(profile.summary(result), nl=False)
 
 
 def main():
@@ -69,6 +122,6 @@ def main():
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] == "train":
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

@@ -4,6 +4,7 @@ Every key and type is checked; a mistake is a UserError that names the key.
 """
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    seq_len: int = 512
+    seq_len: int | None = None  # None: the cached memory profile's longest fitting length, else 512
     val_fraction: float = 0.1  # of the repo's tokens, held out by whole files
     max_file_bytes: int = 1_000_000
     seed: int = 0
@@ -40,16 +41,26 @@ class LoraConfig:
 class TrainConfig:
     max_steps: int | None = None  # None: run `epochs` over the training windows
     epochs: float = 1.0
-    batch_size: int = 1
+    batch_size: int | None = None  # None: from the memory profile when seq_len is below its maximum, else 1
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False  # per-layer mx.checkpoint; only used when memory.staged is false
     eval_batch_size: int = 4
     seed: int = 0
+
+
+@dataclass
+class MemoryConfig:
+    attention: str = "efficient"  # efficient: O(L)-memory custom backward | stock: MLX's scaled_dot_product_attention
+    loss: str = "chunked"  # chunked: never materialise L x V logits | full
+    staged: bool = True  # layer-by-layer forward and backward with explicit evaluation boundaries
+    layers_per_stage: int = 0  # keep a checkpoint every k layers; 0 = from the memory profile, else 1
+    loss_chunk: int = 0  # positions per loss chunk; 0 = as many as fit block_mb (4 fp32 rows of V logits each)
+    block_mb: int = 64  # working-set target of one attention block or MLP chunk, MiB
 
 
 @dataclass
@@ -58,6 +69,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,6 +79,8 @@ _CHOICES = {
     "model.dequantize": ("auto", "always", "never"),
     "model.bits": (2, 3, 4, 5, 6, 8),
     "model.group_size": (32, 64, 128),
+    "memory.attention": ("efficient", "stock"),
+    "memory.loss": ("chunked", "full"),
 }
 _POSITIVE = {
     "data.seq_len",
@@ -76,11 +90,12 @@ _POSITIVE = {
     "train.grad_accum",
     "train.eval_batch_size",
     "train.max_steps",
+    "memory.block_mb",
 }
 
 
 def _check_type(key, value, hint):
-    if typing.get_origin(hint) is typing.Union:  # Optional[int]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | None
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -125,7 +140,11 @@ def validate(config: Config) -> None:
                 raise UserError(f"config: {key} must be one of {', '.join(map(str, _CHOICES[key]))}; got {value!r}")
             if key in _POSITIVE and value is not None and value < 1:
                 raise UserError(f"config: {key} must be at least 1, got {value}")
-    if config.data.seq_len < 16:
+    if config.memory.layers_per_stage < 0 or config.memory.loss_chunk < 0:
+        raise UserError("config: memory.layers_per_stage and memory.loss_chunk must be 0 (auto) or more")
+    if config.memory.staged and config.lora.dropout > 0:
+        raise UserError("config: lora.dropout > 0 needs memory.staged: false (recomputation must be deterministic)")
+    if config.data.seq_len is not None and config.data.seq_len < 16:
         raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"config: data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

@@ -40,6 +40,32 @@ def check_out_dir(out: Path, overwrite: bool) -> bool:
     return True
 
 
+def apply_profile(cfg: Config, cache_dir: Path) -> str:
+    """Fill in seq_len, micro-batch and checkpoint policy left open, from the cached memory profile
+    of this model on this backend (`mlx-ltc profile`). Returns where the values came from."""
+    from mlx_ltc.hardware import profile
+
+    p = profile.cached(cache_dir, cfg.model.name)
+    usable = p is not None and {**p["settings"]["memory"], "layers_per_stage": 0} == {
+        **asdict(cfg.memory),
+        "layers_per_stage": 0,
+    }
+    if not usable:
+        cfg.data.seq_len = cfg.data.seq_len or 512
+        cfg.train.batch_size = cfg.train.batch_size or 1
+        return "defaults (no matching `mlx-ltc profile` for this model and backend)"
+    chosen = cfg.data.seq_len is None
+    cfg.data.seq_len = cfg.data.seq_len or p["max_seq_len"]
+    if cfg.train.batch_size is None:  # the engine's peak grows ~linearly with batch x length
+        cfg.train.batch_size = max(1, min(8, p["max_seq_len"] * p["batch_size"] // cfg.data.seq_len))
+    if not cfg.memory.layers_per_stage and cfg.data.seq_len * cfg.train.batch_size >= p["max_seq_len"]:
+        cfg.memory.layers_per_stage = p["layers_per_stage"]
+    return (
+        f"memory profile ({profile.format_size(p['memory_budget'])} budget: longest step {p['max_seq_len']:,} tokens)"
+        + ("" if chosen else "; seq_len as given")
+    )
+
+
 def default_out(repo: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{repo.resolve().name or 'repo'}-{stamp}"
@@ -56,6 +82,8 @@ def run_train(
     _log(f"model: resolving {cfg.model.name}")
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = models.load(model_dir, cfg.model.dequantize)
+    source = apply_profile(cfg, cache_dir)
+    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size} from {source}")
     dataset = data.build(scan, loaded.tokenizer, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
     m = dataset.meta
     _log(
@@ -85,6 +113,8 @@ def run_train(
     )
     dataset.save(out / "data")
 
+    if cfg.memory.attention == "efficient":  # base and adapted evals then use the same attention
+        train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
     _log("eval: base model")
     base = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval base", progress=progress)
     _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
@@ -97,7 +127,9 @@ def run_train(
             "tokenizer_hash": m["tokenizer_hash"],
         }
     )
-    result = train.train(loaded.model, dataset.train, cfg.train, out / "metrics.jsonl", progress=progress)
+    result = train.train(
+        loaded.model, dataset.train, cfg.train, out / "metrics.jsonl", progress=progress, memory=cfg.memory
+    )
     train.save_adapters(loaded.model, out / "adapters", adapter_config)
     adapted = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval adapted", progress=progress)
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx_ltc.data import Windows
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import batches
-from mlx_ltc.train.loss import nll_sum
+from mlx_ltc.train.loss import nll_sum_chunked
 
 
 @dataclass
@@ -33,7 +33,7 @@ def perplexity(model, windows: Windows, batch_size: int = 4, desc: str = "eval",
         disable=None if progress else True,
         leave=False,
     ):
-        s, n = nll_sum(model, tokens, lengths)
+        s, n = nll_sum_chunked(model, tokens, lengths, chunk=128)  # never (B, L, V) logits
         mx.eval(s, n)
         total += s.item()
         count += n.item()

@@ -30,9 +30,9 @@ def find_openblas():
     return None
 
 
-def ensure_fast_blas(module="mlx_ltc"):
-    """On Linux, re-exec `python -m module` with OpenBLAS preloaded (once). Returns a warning
-    string when no OpenBLAS is available, else None."""
+def ensure_fast_blas(module="mlx_ltc", script=None):
+    """On Linux, re-exec `python -m module` (or `python script`) with OpenBLAS preloaded (once).
+    Returns a warning string when no OpenBLAS is available, else None."""
     if sys.platform != "linux" or os.environ.get(_ENV_DONE):
         return None
     os.environ[_ENV_DONE] = "1"
@@ -46,7 +46,8 @@ def ensure_fast_blas(module="mlx_ltc"):
     if lib in preload.split(":"):
         return None
     env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib)
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    target = [str(script)] if script else ["-m", module]
+    os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)
 
 
 def describe() -> dict:

@@ -131,4 +131,3 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         dequantized=do_dequantize,
         dtype=",".join(sorted(str(d).split(".")[-1] for d in dtypes)),
     )
-

@@ -20,10 +20,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_ltc import atomic, hardware
-from mlx_ltc.config import LoraConfig, TrainConfig
+from mlx_ltc.config import LoraConfig, MemoryConfig, TrainConfig
 from mlx_ltc.data import Windows
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.loss import nll_sum
+from mlx_ltc.train import engine
 
 __all__ = ["TrainResult", "accumulate_gradients", "apply_lora", "batches", "save_adapters", "train"]
 
@@ -128,23 +128,32 @@ def accumulate_gradients(loss_and_grad, model, micro_batches):
     return tree_map(lambda g: g / tokens, grads), loss_sum, tokens
 
 
-def train(model, windows: Windows, cfg: TrainConfig, metrics_path: Path, progress: bool = True) -> TrainResult:
+def train(
+    model,
+    windows: Windows,
+    cfg: TrainConfig,
+    metrics_path: Path,
+    progress: bool = True,
+    memory: MemoryConfig | None = None,
+) -> TrainResult:
     if len(windows) == 0:
         raise UserError("the training split is empty")
     from tqdm import tqdm
 
-    per_update = cfg.batch_size * cfg.grad_accum
+    batch_size = cfg.batch_size or 1  # run_train fills it from the memory profile
+    per_update = batch_size * cfg.grad_accum
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(windows) / per_update))
-    if cfg.grad_checkpoint:
+    memory = memory or MemoryConfig()
+    if cfg.grad_checkpoint and not memory.staged:
         enable_grad_checkpoint(model)
     schedule = lr_schedule(cfg, steps)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    loss_and_grad = nn.value_and_grad(model, nll_sum)
+    step_fn = engine.loss_and_grad(model, memory)
     rng = np.random.default_rng(cfg.seed)
 
     def endless():
         while True:
-            yield from batches(windows, cfg.batch_size, rng)
+            yield from batches(windows, batch_size, rng)
 
     stream = endless()
     model.train()
@@ -156,7 +165,7 @@ def train(model, windows: Windows, cfg: TrainConfig, metrics_path: Path, progres
     with open(metrics_path, "w", encoding="utf-8") as metrics:
         for step in range(1, steps + 1):
             micro_batches = (next(stream) for _ in range(cfg.grad_accum))
-            grads, loss_total, tokens = accumulate_gradients(loss_and_grad, model, micro_batches)
+            grads, loss_total, tokens = accumulate_gradients(step_fn, model, micro_batches)
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             lr = schedule(mx.array(step - 1))
             optimizer.update(model, grads)

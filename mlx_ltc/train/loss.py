@@ -1,16 +1,78 @@
-"""Next-token loss over real tokens only: padding never contributes."""
+"""Next-token loss over real tokens only: padding never contributes.
+
+`chunked_nll` never materialises the (L x V) logits: positions go through the LM head in chunks,
+forward and backward (a custom VJP recomputes each chunk's logits), one chunk alive at a time.
+"""
 
 import mlx.core as mx
 import mlx.nn as nn
 
+__all__ = ["chunked_nll", "head_of", "next_token_targets", "nll_sum", "nll_sum_chunked"]
+
+
+def next_token_targets(tokens: mx.array, lengths: mx.array):
+    """(inputs, targets, weights): weights are 1.0 on real next-token targets, 0.0 on padding."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = (mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)).astype(mx.float32)
+    return inputs, targets, weights
+
+
+def head_of(model):
+    """The LM head as a function of final hidden states (untied lm_head, or the tied embedding)."""
+    return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+
 
 def nll_sum(model, tokens: mx.array, lengths: mx.array):
-    """Summed next-token NLL over real tokens, and how many there were.
+    """Summed next-token NLL over real tokens, and how many there were (full logits: stock path).
 
     tokens: (B, T) int32, row b real for its first lengths[b] entries; predicts tokens[:, 1:].
     """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs, targets, weights = next_token_targets(tokens, lengths)
     logits = model(inputs).astype(mx.float32)
-    mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
-    nll = nn.losses.cross_entropy(logits, targets) * mask
-    return nll.sum(), mask.sum()
+    return (nn.losses.cross_entropy(logits, targets) * weights).sum(), weights.sum()
+
+
+def nll_sum_chunked(model, tokens: mx.array, lengths: mx.array, chunk: int = 512):
+    inputs, targets, weights = next_token_targets(tokens, lengths)
+    return chunked_nll(model.model(inputs), head_of(model), targets, weights, chunk), weights.sum()
+
+
+def _spans(length: int, chunk: int):
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def chunked_nll(hidden: mx.array, head, targets: mx.array, weights: mx.array, chunk: int = 512) -> mx.array:
+    """sum over positions of weights * NLL(targets | head(hidden)); zero weight = ignored position.
+
+    hidden (B, T, d) final (normed) hidden states; head maps (B, n, d) -> (B, n, V) and is frozen:
+    gradients flow to `hidden` only. Each chunk depends on the previous one (mx.depends) so MLX
+    evaluates the chunks one after another instead of keeping all their logits alive.
+    """
+    spans = _spans(hidden.shape[1], chunk)
+    targets = mx.maximum(targets, 0)
+
+    def logits_of(h):
+        return head(h).astype(mx.float32)
+
+    @mx.custom_function
+    def nll(hidden):
+        total = mx.array(0.0)
+        for s, e in spans:
+            logits = logits_of(mx.depends(hidden[:, s:e], total))
+            picked = mx.take_along_axis(logits, targets[:, s:e, None], axis=-1)[..., 0]
+            total = total + ((mx.logsumexp(logits, axis=-1) - picked) * weights[:, s:e]).sum()
+        return total
+
+    @nll.vjp
+    def nll_vjp(primals, cotangent, output):
+        hidden = primals[0] if isinstance(primals, (list, tuple)) else primals
+        grads = []
+        for s, e in spans:
+            h = hidden[:, s:e] if not grads else mx.depends(hidden[:, s:e], grads[-1])
+            logits = logits_of(h)
+            one_hot = mx.arange(logits.shape[-1]) == targets[:, s:e, None]
+            d_logits = (mx.softmax(logits, axis=-1) - one_hot) * (weights[:, s:e, None] * cotangent)
+            grads.append(mx.vjp(head, [h], [d_logits.astype(h.dtype)])[1][0])
+        return mx.concatenate(grads, axis=1)
+
+    return nll(hidden)

@@ -1,0 +1,339 @@
+"""`mlx-ltc profile`: measure the machine, then find the longest sequence a real training step fits.
+
+The search runs real LoRA training steps (forward, backward, AdamW update) of the configured model
+and memory engine, doubling L until a step no longer fits the budget, then bisecting. A step "fits"
+when MLX's peak memory (weights included) stays within the budget; a step that goes over is
+stopped at the next evaluation boundary, and an allocation failure counts as "does not fit".
+"""
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_ltc import atomic
+from mlx_ltc.errors import UserError
+
+__all__ = ["Probe", "Profile", "cached", "format_size", "machine", "parse_size", "run_profile", "search"]
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'5.3GB' (decimal), '5GiB' (binary), '800MB', '1500000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UserError(f"memory size {text!r} not understood; use e.g. 5.3GB, 1500MB or 4GiB")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise UserError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def machine() -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    info = {
+        "backend": backend(),
+        "device_name": str(mx.device_info().get("device_name", "")),
+        "total_memory": vm.total,
+        "available_memory": vm.available,
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "mlx_version": mx.__version__,
+    }
+    if info["backend"] != "cpu":
+        gpu = mx.device_info()
+        info["gpu_memory"] = gpu.get("memory_size")
+        info["gpu_working_set"] = gpu.get("max_recommended_working_set_size")
+    return info
+
+
+def default_budget(info: dict) -> int:
+    """What this machine lets MLX use: Metal's recommended working set, else 80% of available RAM."""
+    return int(info.get("gpu_working_set") or (info.get("gpu_memory") or info["available_memory"]) * 0.8)
+
+
+def matmul_gflops(kind: str, n: int, repeats: int = 3) -> float:
+    """Throughput of an (n x n) @ (n x n) matmul: fp32, bf16, or 4-bit weights (group 64)."""
+    x = mx.random.normal((n, n)).astype(mx.bfloat16 if kind == "bf16" else mx.float32)
+    w = mx.random.normal((n, n)).astype(x.dtype)
+    if kind == "q4":
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+        op = lambda: mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4)
+    else:
+        op = lambda: x @ w
+    mx.eval(op())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(op())
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def bf16_supported() -> bool:
+    try:
+        mx.eval(mx.ones((4, 4), dtype=mx.bfloat16) @ mx.ones((4, 4), dtype=mx.bfloat16))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+@dataclass
+class Probe:
+    seq_len: int
+    fits: bool
+    peak_bytes: int | None  # None: stopped early (over budget) or failed to allocate
+    step_s: float | None
+    tokens_per_s: float | None
+    layers_per_stage: int
+    note: str = ""
+
+
+@dataclass
+class Profile:
+    model: str
+    backend: str
+    device_name: str
+    memory_budget: int
+    weights_bytes: int
+    max_seq_len: int
+    tokens_per_s: float
+    layers_per_stage: int
+    batch_size: int
+    settings: dict
+    machine: dict
+    matmul_gflops: dict
+    bf16: bool
+    probes: list = field(default_factory=list)
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _is_oom(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or any(s in text for s in ("allocate", "out of memory", "malloc", "memory"))
+
+
+def probe(model, memory_cfg, seq_len: int, budget: int | None, batch_size: int = 1, seed: int = 0) -> Probe:
+    """One real training step at seq_len: forward, backward, AdamW update. Model already has LoRA."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_ltc.train import accumulate_gradients, engine
+
+    def check():
+        if budget is not None and mx.get_peak_memory() > budget:
+            raise _OverBudget
+
+    vocab = model.args.vocab_size
+    tokens = mx.array(np.random.default_rng(seed).integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32))
+    lengths = mx.array([seq_len + 1] * batch_size)
+    saved = tree_flatten(model.trainable_parameters())
+    step_fn = engine.loss_and_grad(model, memory_cfg, on_stage=check)
+    optimizer = optim.AdamW(learning_rate=1e-5)
+    k = memory_cfg.layers_per_stage or 1
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    try:
+        grads, _, _ = accumulate_gradients(step_fn, model, [(tokens, lengths)])
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        check()
+    except _OverBudget:
+        return Probe(seq_len, False, None, None, None, k, "over budget")
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e):
+            raise
+        return Probe(seq_len, False, None, None, None, k, f"allocation failed: {str(e).splitlines()[0][:120]}")
+    finally:
+        grads = optimizer = None
+        model.update(tree_unflatten(saved))  # probes leave the adapters as they were
+        mx.clear_cache()
+    step_s = time.perf_counter() - start
+    peak = mx.get_peak_memory()
+    return Probe(seq_len, True, peak, step_s, batch_size * seq_len / step_s, k)
+
+
+def search(try_len, start: int, max_len: int, granularity: int, log=print) -> tuple:
+    """Largest L in [start, max_len] (multiple of granularity) with try_len(L).fits, by doubling then
+    bisection. Returns (best probe or None, all probes)."""
+    probes, best = [], None
+
+    def attempt(n):
+        nonlocal best
+        p = try_len(n)
+        probes.append(p)
+        verdict = f"fits, peak {format_size(p.peak_bytes)}, {p.tokens_per_s:,.0f} tok/s" if p.fits else None
+        log(f"  L={n:>7,}: " + (verdict or f"does not fit ({p.note})"))
+        if p.fits and (best is None or n > best.seq_len):
+            best = p
+        return p.fits
+
+    lo, hi, n = None, None, start
+    while n <= max_len:
+        if not attempt(n):
+            hi = n
+            break
+        lo, n = n, n * 2
+    if lo is None:
+        return None, probes
+    if hi is None:
+        if lo < max_len and attempt(max_len):
+            return best, probes
+        hi = max_len if lo < max_len else None
+    while hi is not None and hi - lo > granularity:
+        mid = (lo + hi) // 2 // granularity * granularity
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if attempt(mid) else (lo, mid)
+    return best, probes
+
+
+def _key(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
+
+
+def cache_path(cache_dir: Path, model: str, backend_name: str) -> Path:
+    return Path(cache_dir) / "profiles" / f"{_key(model)}__{backend_name}.json"
+
+
+def cached(cache_dir: Path, model: str, settings: dict | None = None, budget: int | None = None) -> dict | None:
+    """The last profile of this model on this backend (and these settings/budget when given)."""
+    import json
+
+    path = cache_path(cache_dir, model, backend())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if settings is not None and data.get("settings") != settings:
+        return None
+    if budget is not None and data.get("memory_budget") != budget:
+        return None
+    return data
+
+
+def run_profile(
+    cfg,
+    budget: int | None,
+    cache_dir: Path,
+    max_len: int | None = None,
+    granularity: int = 256,
+    start: int = 256,
+    batch_size: int = 1,
+    force: bool = False,
+    log=print,
+) -> dict:
+    """Measure the machine and search the longest L; cached per model and backend."""
+    from mlx_ltc import models, train
+
+    info = machine()
+    budget = budget or default_budget(info)
+    max_len = max_len or (8192 if info["backend"] == "cpu" else 131072)
+    settings = {"memory": asdict(cfg.memory), "lora": asdict(cfg.lora), "batch_size": batch_size, "max_len": max_len,
+                "granularity": granularity, "dequantize": cfg.model.dequantize}  # fmt: skip
+    hit = None if force else cached(cache_dir, cfg.model.name, settings, budget)
+    if hit:
+        log(f"profile: cached result from {hit['created']} (--force to measure again)")
+        return hit
+
+    log(f"profile: {info['backend']} ({info['device_name']}), {info['cores']} cores, "
+        f"{format_size(info['total_memory'])} RAM, budget {format_size(budget)}")  # fmt: skip
+    small = 256 if info["backend"] == "cpu" else 1024
+    gflops = {k: round(matmul_gflops(k, small if k != "fp32" and info["backend"] == "cpu" else 1024), 1)
+              for k in ("fp32", "bf16", "q4")}  # fmt: skip
+    log(f"profile: matmul GFLOP/s {gflops}")
+
+    model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    loaded = models.load(model_dir, cfg.model.dequantize)
+    train.apply_lora(loaded.model, cfg.lora, seed=0)
+    mx.eval(loaded.model.parameters())
+    mx.clear_cache()
+    weights = mx.get_active_memory()
+    smallest = probe(loaded.model, cfg.memory, 128, None, batch_size)
+    if weights >= budget or smallest.peak_bytes > budget:
+        raise UserError(
+            f"memory budget {format_size(budget)} is below what {cfg.model.name} needs: weights "
+            f"{format_size(weights)}, and a training step at 128 tokens peaks at {format_size(smallest.peak_bytes)}; "
+            f"give at least {format_size(smallest.peak_bytes)}"
+        )
+
+    n_layers = len(loaded.model.layers)
+    plans = [cfg.memory.layers_per_stage] if cfg.memory.layers_per_stage else [1, math.ceil(math.sqrt(n_layers))]
+    if not cfg.memory.staged:
+        plans = [0]
+
+    def try_len(n):
+        last = None
+        for k in plans:
+            cfg.memory.layers_per_stage = k
+            last = probe(loaded.model, cfg.memory, n, budget, batch_size)
+            if last.fits:
+                break
+        cfg.memory.layers_per_stage = settings["memory"]["layers_per_stage"]
+        return last
+
+    log(f"profile: searching the longest sequence (real training steps of {cfg.model.name}, batch {batch_size})")
+    best, probes = search(try_len, start, max_len, granularity, log)
+    if best is None:
+        raise UserError(f"no sequence length from {start} fits in {format_size(budget)} (a 128-token step peaks at "
+                        f"{format_size(smallest.peak_bytes)})")  # fmt: skip
+    profile = Profile(
+        model=cfg.model.name,
+        backend=info["backend"],
+        device_name=info["device_name"],
+        memory_budget=budget,
+        weights_bytes=weights,
+        max_seq_len=best.seq_len,
+        tokens_per_s=best.tokens_per_s,
+        layers_per_stage=best.layers_per_stage,
+        batch_size=batch_size,
+        settings=settings,
+        machine=info,
+        matmul_gflops=gflops,
+        bf16=bf16_supported(),
+        probes=[asdict(p) for p in probes],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).to_dict()
+    profile["max_len_reached"] = best.seq_len >= max_len
+    atomic.write_json(cache_path(cache_dir, cfg.model.name, info["backend"]), profile)
+    return profile
+
+
+def summary(p: dict) -> str:
+    capped = " (the search's --max-len; more may fit)" if p.get("max_len_reached") else ""
+    return (
+        f"{p['model']} on {p['backend']} ({p['device_name']}), budget {format_size(p['memory_budget'])}, "
+        f"weights {format_size(p['weights_bytes'])}\n"
+        f"  matmul GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in p["matmul_gflops"].items()) + f"; bf16 {p['bf16']}\n"
+        f"  longest training sequence: {p['max_seq_len']:,} tokens{capped} at {p['tokens_per_s']:,.0f} tokens/s "
+        f"(checkpoint every {p['layers_per_stage']} layer(s), batch {p['batch_size']})\n"
+    )

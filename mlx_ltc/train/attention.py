@@ -1,0 +1,131 @@
+"""Causal attention whose memory is linear in the sequence length, forward and backward.
+
+The forward walks the queries in blocks and keeps only the output and the log-sum-exp per row; the
+backward (FlashAttention-2 style) recomputes each block's probabilities from them. No L x L array
+ever exists: a block holds (rows x keys-so-far) scores, and the block height is chosen so that
+working set stays under `block_bytes`. Plain MLX ops, so it runs on CPU, CUDA and Metal.
+
+Layout is mlx-lm's: q (B, Hq, L, D), k/v (B, Hkv, L, D), query head h reads KV head h // (Hq/Hkv).
+RoPE is applied by the caller, as in mlx-lm's attention modules.
+"""
+
+import mlx.core as mx
+
+__all__ = ["attention_backward", "attention_forward", "efficient_attention", "naive_attention", "query_block"]
+
+
+def query_block(batch: int, q_heads: int, length: int, block_bytes: int) -> int:
+    """Rows per block: four fp32 (rows x length) score-sized arrays per head fit in block_bytes."""
+    rows = block_bytes // max(1, 16 * batch * q_heads * length)
+    rows = max(16, min(1024, rows // 16 * 16))
+    return min(rows, length)
+
+
+def _blocks(length: int, rows: int):
+    for start in range(0, length, rows):
+        yield start, min(start + rows, length)
+
+
+def _scores(qb, k, scale, start, end, segments):
+    """fp32 masked scores of query rows [start, end) against keys [0, end): (B, Hkv, G, n, end)."""
+    B, Hkv, G, n, D = qb.shape
+    s = (qb.reshape(B, Hkv, G * n, D) * scale) @ k[:, :, :end].swapaxes(-1, -2)
+    s = s.reshape(B, Hkv, G, n, end).astype(mx.float32)
+    allowed = mx.arange(start, end)[:, None] >= mx.arange(end)[None, :]
+    if segments is not None:
+        same = segments[:, start:end, None] == segments[:, None, :end]  # (B, n, end)
+        allowed = allowed & same[:, None, None]
+    return mx.where(allowed, s, -mx.inf)
+
+
+def attention_forward(q, k, v, scale: float, rows: int, segments=None):
+    """Returns (output (B, Hq, L, D), log-sum-exp (B, Hq, L) fp32)."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, L, D)
+    outs, lses = [], []
+    for start, end in _blocks(L, rows):
+        qb = qg[:, :, :, start:end]
+        if outs:  # MLX's scheduler would otherwise run blocks side by side, keeping all their scores
+            qb = mx.depends(qb, outs[-1])
+        s = _scores(qb, k, scale, start, end, segments)
+        lse = mx.logsumexp(s, axis=-1)
+        p = mx.exp(s - lse[..., None]).astype(v.dtype)
+        G, n = p.shape[2], p.shape[3]
+        o = p.reshape(B, Hkv, G * n, end) @ v[:, :, :end]
+        outs.append(o.reshape(B, Hkv, G, n, D))
+        lses.append(lse)
+    out = mx.concatenate(outs, axis=3).reshape(B, Hq, L, D)
+    return out, mx.concatenate(lses, axis=3).reshape(B, Hq, L)
+
+
+def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segments=None):
+    """Gradients (dq, dk, dv) of sum(out * d_out), recomputing probabilities block by block.
+
+    All three gradients live in one packed accumulator that each block adds into, and each block
+    depends on the previous sum, so the lazy graph is one chain: a block's probabilities die before
+    the next block's are made.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G, L, D)
+    dog = d_out.reshape(B, Hkv, G, L, D)
+    lseg = lse.reshape(B, Hkv, G, L)
+    delta = (dog.astype(mx.float32) * out.reshape(B, Hkv, G, L, D).astype(mx.float32)).sum(-1)
+    kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+    acc = mx.zeros((B, Hkv, L, (G + 2) * D), dtype=mx.float32)  # [dq of each group | dk | dv]
+    for start, end in _blocks(L, rows):
+        n = end - start
+        qb, dob = mx.depends([qg[:, :, :, start:end], dog[:, :, :, start:end]], acc)  # one block at a time
+        p = mx.exp(_scores(qb, k, scale, start, end, segments) - lseg[:, :, :, start:end, None])
+        p2 = p.reshape(B, Hkv, G * n, end)
+        do2 = dob.reshape(B, Hkv, G * n, D).astype(mx.float32)
+        dv = p2.swapaxes(-1, -2) @ do2
+        dp = do2 @ vf[:, :, :end].swapaxes(-1, -2)
+        ds = (p * (dp.reshape(p.shape) - delta[:, :, :, start:end, None])).reshape(B, Hkv, G * n, end)
+        dq = (ds @ kf[:, :, :end]) * scale
+        dk = (ds.swapaxes(-1, -2) @ qb.reshape(B, Hkv, G * n, D).astype(mx.float32)) * scale
+        dq = dq.reshape(B, Hkv, G, n, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, n, G * D)
+        pad = [(0, 0), (0, 0), (0, L - end), (0, 0)]
+        block = mx.concatenate(
+            [mx.pad(dq, [(0, 0), (0, 0), (start, L - end), (0, 0)]), mx.pad(dk, pad), mx.pad(dv, pad)], axis=-1
+        )
+        acc = acc + block
+    dq = acc[..., : G * D].reshape(B, Hkv, L, G, D).transpose(0, 1, 3, 2, 4).reshape(B, Hq, L, D)
+    dk, dv = acc[..., G * D : (G + 1) * D], acc[..., (G + 1) * D :]
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def efficient_attention(q, k, v, scale: float, block_bytes: int = 64 << 20, segments=None, saved=None):
+    """Causal softmax attention (optionally within segments: packed documents never see each other)
+    with a memory-efficient custom backward. Returns (output, log-sum-exp); gradients flow to q, k, v.
+
+    `saved`: (output, lse) already computed for these very q, k, v; a recomputation for the
+    backward pass then skips the forward.
+    """
+    rows = query_block(q.shape[0], q.shape[1], q.shape[2], block_bytes)
+
+    @mx.custom_function
+    def attend(q, k, v):
+        return tuple(saved) if saved is not None else attention_forward(q, k, v, scale, rows, segments)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        return attention_backward(q, k, v, outputs[0], outputs[1], cotangents[0], scale, rows, segments)
+
+    return attend(q, k, v)
+
+
+def naive_attention(q, k, v, scale: float, segments=None):
+    """The textbook oracle: full L x L scores, for tests and small inputs only."""
+    B, Hq, L, D = q.shape
+    G = Hq // k.shape[1]
+    k, v = mx.repeat(k, G, axis=1), mx.repeat(v, G, axis=1)
+    s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    allowed = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+    p = mx.softmax(mx.where(allowed, s, -mx.inf), axis=-1).astype(v.dtype)
+    return p @ v
