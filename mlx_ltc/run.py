@@ -45,12 +45,8 @@ def apply_profile(cfg: Config, cache_dir: Path) -> str:
     of this model on this backend (`mlx-ltc profile`). Returns where the values came from."""
     from mlx_ltc.hardware import profile
 
-    p = profile.cached(cache_dir, cfg.model.name)
-    usable = p is not None and {**p["settings"]["memory"], "layers_per_stage": 0} == {
-        **asdict(cfg.memory),
-        "layers_per_stage": 0,
-    }
-    if not usable:
+    p = profile.cached(cache_dir, cfg.model.name, asdict(cfg.memory))
+    if p is None:
         cfg.data.seq_len = cfg.data.seq_len or 512
         cfg.train.batch_size = cfg.train.batch_size or 1
         return "defaults (no matching `mlx-ltc profile` for this model and backend)"

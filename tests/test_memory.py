@@ -194,3 +194,34 @@ def test_profile_budget_below_the_weights_is_one_clear_error(tiny_dir):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: memory budget 0.01 GB is below what tiny-starcoder2 needs")
     assert "give at least" in lines[-1] and "Traceback" not in r.stderr
+
+
+def test_chunked_nll_and_attention_in_bf16_with_a_quantized_tied_head():
+    """The GPU path: bf16 activations, a 4-bit tied embedding as the head, GQA 12:1, head_dim 128."""
+    mx.random.seed(0)
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(256, 64), group_size=64, bits=4)
+    h = mx.random.normal((2, 37, 64)).astype(mx.bfloat16)
+    targets, weights = mx.random.randint(0, 256, (2, 37)), mx.ones((2, 37))
+    full = lambda h: (nn.losses.cross_entropy(emb.as_linear(h).astype(mx.float32), targets) * weights).sum()
+    (a, ga), (b, gb) = (
+        mx.value_and_grad(f)(h) for f in (lambda h: chunked_nll(h, emb.as_linear, targets, weights, 16), full)
+    )
+    assert abs(a.item() - b.item()) < 1e-4 * abs(b.item()) and ga.dtype == mx.bfloat16
+    assert _rel(ga.astype(mx.float32), gb.astype(mx.float32)) < 2e-2
+    q = mx.random.normal((1, 24, 70, 128)).astype(mx.bfloat16)
+    k, v = (mx.random.normal((1, 2, 70, 128)).astype(mx.bfloat16) for _ in range(2))
+    ours = efficient_attention(q, k, v, 128**-0.5, block_bytes=16 * 24 * 70 * 16)[0]
+    assert ours.dtype == mx.bfloat16
+    assert _rel(ours.astype(mx.float32), naive_attention(q, k, v, 128**-0.5).astype(mx.float32)) < 2e-2
+
+
+def test_train_can_switch_each_part_of_the_engine_off(tiny_dir, tmp_path, small_repo):
+    out = tmp_path / "run"
+    r = run_cli(
+        "train", "--repo", small_repo, "--model", "tiny-starcoder2", "--max-steps", 2, "--seq-len", 64, "--out", out,
+        "--no-staged", "--no-chunked-loss", "--no-efficient-attention",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    memory = json.loads((out / "config.json").read_text())["config"]["memory"]
+    assert memory["staged"] is False and memory["loss"] == "full" and memory["attention"] == "stock"
+    assert (out / "COMPLETE").exists()

@@ -221,15 +221,25 @@ def _key(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
 
 
-def cache_path(cache_dir: Path, model: str, backend_name: str) -> Path:
-    return Path(cache_dir) / "profiles" / f"{_key(model)}__{backend_name}.json"
-
-
-def cached(cache_dir: Path, model: str, settings: dict | None = None, budget: int | None = None) -> dict | None:
-    """The last profile of this model on this backend (and these settings/budget when given)."""
+def _engine_key(memory: dict) -> str:
+    """Profiles are kept per memory-engine setting; the checkpoint policy is an output, not a key."""
+    import hashlib
     import json
 
-    path = cache_path(cache_dir, model, backend())
+    settings = json.dumps({**memory, "layers_per_stage": 0}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:10]
+
+
+def cache_path(cache_dir: Path, model: str, backend_name: str, memory: dict) -> Path:
+    return Path(cache_dir) / "profiles" / f"{_key(model)}__{backend_name}__{_engine_key(memory)}.json"
+
+
+def cached(cache_dir: Path, model: str, memory: dict, settings: dict | None = None, budget: int | None = None):
+    """The last profile of this model on this backend with this memory engine setting (and these
+    search settings and budget, when given), or None."""
+    import json
+
+    path = cache_path(cache_dir, model, backend(), memory)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -259,8 +269,9 @@ def run_profile(
     budget = budget or default_budget(info)
     max_len = max_len or (8192 if info["backend"] == "cpu" else 131072)
     settings = {"memory": asdict(cfg.memory), "lora": asdict(cfg.lora), "batch_size": batch_size, "max_len": max_len,
-                "granularity": granularity, "dequantize": cfg.model.dequantize}  # fmt: skip
-    hit = None if force else cached(cache_dir, cfg.model.name, settings, budget)
+                "granularity": granularity, "dequantize": cfg.model.dequantize,
+                "grad_checkpoint": cfg.train.grad_checkpoint}  # fmt: skip
+    hit = None if force else cached(cache_dir, cfg.model.name, settings["memory"], settings, budget)
     if hit:
         log(f"profile: cached result from {hit['created']} (--force to measure again)")
         return hit
@@ -275,6 +286,8 @@ def run_profile(
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = models.load(model_dir, cfg.model.dequantize)
     train.apply_lora(loaded.model, cfg.lora, seed=0)
+    if cfg.train.grad_checkpoint and not cfg.memory.staged:
+        train.enable_grad_checkpoint(loaded.model)
     mx.eval(loaded.model.parameters())
     mx.clear_cache()
     weights = mx.get_active_memory()
@@ -324,16 +337,18 @@ def run_profile(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).to_dict()
     profile["max_len_reached"] = best.seq_len >= max_len
-    atomic.write_json(cache_path(cache_dir, cfg.model.name, info["backend"]), profile)
+    atomic.write_json(cache_path(cache_dir, cfg.model.name, info["backend"], settings["memory"]), profile)
     return profile
 
 
 def summary(p: dict) -> str:
     capped = " (the search's --max-len; more may fit)" if p.get("max_len_reached") else ""
+    staged = p["settings"]["memory"]["staged"]
+    plan = f"staged, a checkpoint every {p['layers_per_stage']} layer(s)" if staged else "one lazy graph per step"
     return (
         f"{p['model']} on {p['backend']} ({p['device_name']}), budget {format_size(p['memory_budget'])}, "
         f"weights {format_size(p['weights_bytes'])}\n"
         f"  matmul GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in p["matmul_gflops"].items()) + f"; bf16 {p['bf16']}\n"
         f"  longest training sequence: {p['max_seq_len']:,} tokens{capped} at {p['tokens_per_s']:,.0f} tokens/s "
-        f"(checkpoint every {p['layers_per_stage']} layer(s), batch {p['batch_size']})\n"
+        f"({plan}, batch {p['batch_size']})\n"
     )
