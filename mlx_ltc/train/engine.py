@@ -15,8 +15,6 @@ Three parts, each switchable (config section `memory`):
 Works on mlx-lm's llama and starcoder2 models (pre-norm blocks: attention half then MLP half).
 """
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
@@ -109,14 +107,6 @@ def _vjp(module, fn, inputs, cotangent):
     return grads[: len(inputs)], dict(zip(names, grads[len(inputs) :]))
 
 
-@dataclass
-class StepStats:
-    """What the last staged step did; the profiler reads it."""
-
-    layers_per_stage: int = 1
-    checkpoints: int = 0
-
-
 class StagedStep:
     """Callable like `nn.value_and_grad(model, nll_sum)`: (model, tokens, lengths) ->
     ((summed NLL, token count), gradients of the summed NLL w.r.t. the trainable parameters)."""
@@ -126,7 +116,6 @@ class StagedStep:
         self.cfg = cfg
         self.block_bytes = cfg.block_mb << 20
         self.on_stage = on_stage or (lambda: None)
-        self.stats = StepStats()
         self.mlp_width = model.args.intermediate_size
         layer_ids = {id(layer) for layer in model.layers}
         self.prefix = {id(m): name for name, m in model.named_modules() if id(m) in layer_ids}
@@ -208,7 +197,6 @@ class StagedStep:
             checkpoints.append(h)
             for layer in layers[start:end]:
                 h = self._forward(layer, h)
-        self.stats = StepStats(per_stage, len(checkpoints))
 
         norm, head = model.model.norm, head_of(model)
         if self.cfg.loss == "chunked":
@@ -221,10 +209,10 @@ class StagedStep:
         self._eval(loss, g)
 
         grads = {}
-        for (start, end), checkpoint in zip(reversed(plan), reversed(checkpoints)):
+        for start, end in reversed(plan):
             if end <= self.first_trainable:
                 break
-            inputs_ = [checkpoint]
+            inputs_ = [checkpoints.pop()]
             for layer in layers[start : end - 1]:
                 inputs_.append(self._forward(layer, inputs_[-1]))
             for i in reversed(range(max(start, self.first_trainable), end)):
