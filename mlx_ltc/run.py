@@ -78,6 +78,9 @@ def run_train(
     _log(f"model: resolving {cfg.model.name}")
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = models.load(model_dir, cfg.model.dequantize)
+    if not train.engine.supports(loaded.model) and (cfg.memory.attention == "efficient" or cfg.memory.staged):
+        _log(f"memory: the engine does not support {loaded.config.get('model_type')!r} models; using MLX's attention")
+        cfg.memory.attention, cfg.memory.staged = "stock", False
     source = apply_profile(cfg, cache_dir)
     _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size} from {source}")
     dataset = data.build(scan, loaded.tokenizer, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)

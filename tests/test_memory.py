@@ -129,6 +129,7 @@ def test_engine_rejects_unsupported_models():
     class Other(nn.Module):
         model_type = "mamba"
 
+    assert not engine.supports(Other())  # run_train then falls back to MLX's attention, one graph
     with pytest.raises(UserError, match="memory engine supports"):
         engine.check_supported(Other())
 

@@ -137,7 +137,7 @@ class _OverBudget(Exception):
 
 def _is_oom(e: Exception) -> bool:
     text = str(e).lower()
-    return isinstance(e, MemoryError) or any(s in text for s in ("allocate", "out of memory", "malloc", "memory"))
+    return isinstance(e, MemoryError) or any(s in text for s in ("allocate", "out of memory", "malloc"))
 
 
 def probe(model, memory_cfg, seq_len: int, budget: int | None, batch_size: int = 1, seed: int = 0) -> Probe:

@@ -29,6 +29,10 @@ __all__ = ["SUPPORTED", "StagedStep", "loss_and_grad", "stages", "use_efficient_
 SUPPORTED = ("llama", "starcoder2")
 
 
+def supports(model) -> bool:
+    return getattr(model, "model_type", None) in SUPPORTED and getattr(model.model, "swa_idx", None) is None
+
+
 def check_supported(model) -> None:
     kind = getattr(model, "model_type", None)
     if kind not in SUPPORTED:
