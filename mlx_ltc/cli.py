@@ -84,6 +84,79 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
     click.echo(run.summary(report), nl=False)
 
 
+def _data_options(f):
+    for opt in reversed([
+        click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository."),
+        click.option("--model", default=None, help="Whose tokenizer [default: the config's, smollm2-135m]."),
+        click.option("--seq-len", type=int, default=None, help="Override the derived sequence length."),
+        click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
+    """(cfg, scan, tokenizer, cache_dir, profile) for analyze/build."""
+    from mlx_ltc import config, data, models, run
+
+    overrides = {"data": {"seq_len": seq_len, **(extra or {})}}
+    if model:
+        overrides["model"] = {"name": model}
+    overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in overrides.items()}
+    cfg = config.build(config_file, overrides)
+    scan = data.scan(repo, cfg.data.max_file_bytes)
+    cache_dir = models.default_cache_dir()
+    tokenizer = models.load_tokenizer(models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size))
+    return cfg, scan, tokenizer, cache_dir, run.cached_profile(cfg, cache_dir)
+
+
+@cli.command("analyze")
+@_data_options
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=Path("analysis.json"), show_default=True,
+              help="Where to write the analysis.")  # fmt: skip
+def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
+    """Inventory, import graph and derived training constants of a repository."""
+    from mlx_ltc import atomic, data
+    from mlx_ltc.data import analyze, blobs
+
+    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet)
+    cache = blobs.BlobCache(cache_dir / "blobs.sqlite", data.tokenizer_hash(tokenizer))
+    try:
+        corpus = data.Corpus(
+            scan, tokenizer, cfg.data, cache, log=lambda m: click.echo(m, err=True), progress=not quiet
+        )
+    finally:
+        cache.close()
+    result = corpus.analysis(profile)
+    atomic.write_json(json_out, result)
+    click.echo(analyze.table(result) + f"  written: {json_out}", nl=True)
+
+
+@cli.command("build")
+@_data_options
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Dataset directory (replaced if a dataset)."
+)
+@click.option("--split", default=None, help="train/val/test shares [default: 85/10/5].")
+@click.option("--fim-rate", type=float, default=None, help="Share of train documents in FIM form (FIM tokenizers).")
+@click.option("--augment", type=float, default=None, help="Share of train files replaced by an augmented variant.")
+@click.option("--no-chains", is_flag=True, help="No commit-evolution chains.")
+@click.option("--no-qa", is_flag=True, help="No QA probes.")
+def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, augment, no_chains, no_qa):
+    """Build train/val/test shards of packed repo-level sequences, QA probes and metadata."""
+    import json
+
+    from mlx_ltc import run
+
+    extra = {"split": split, "fim_rate": fim_rate, "augment": augment,
+             "chains": False if no_chains else None, "qa": False if no_qa else None}  # fmt: skip
+    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet, extra)
+    meta, _ = run.prepare_data(cfg, scan, tokenizer, out, cache_dir, profile, progress=not quiet)
+    keys = ("seq_len", "packing_efficiency", "splits", "documents", "dedup", "chains", "qa", "skipped", "cache")
+    click.echo(json.dumps({k: meta[k] for k in keys} | {"out": str(out)}, indent=1))
+
+
 @cli.command("profile")
 @click.option("--model", default=None, help="Model to profile [default: the config's, smollm2-135m].")
 @click.option("--memory-budget", default=None, help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows].")

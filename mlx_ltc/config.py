@@ -22,15 +22,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    seq_len: int | None = None  # None: the cached memory profile's longest fitting length, else 512
-    val_fraction: float = 0.1  # of the repo's tokens, held out by whole files
+    seq_len: int | None = None  # None: derived by `analyze` (p95 rule), capped by the memory profile
+    split: str = "85/10/5"  # train/val/test shares, assigned per file from a stable hash of its path
+    split_by: str = "file"  # file | directory (all files of a directory share a split)
     max_file_bytes: int = 1_000_000
+    min_entropy: float = 0.1  # drop files (>= 64 tokens) below this normalised token entropy
+    near_duplicate: float = 0.85  # MinHash Jaccard of token 5-grams at which a file is a near duplicate
+    fim_rate: float = 0.5  # share of train documents in fill-in-the-middle form, when the tokenizer has FIM tokens
+    chains: bool = True  # commit-evolution chains from git history
+    chain_versions: int = 6  # newest versions per chain
+    qa: bool = True  # long-context QA probes for val/test
+    qa_per_bucket: int = 8  # probes per distance bucket and split
+    qa_max_len: int = 0  # longest probe prompt; 0 = seq_len
+    augment: float = 0.0  # share of train files replaced by a variant (locals renamed, comments stripped)
+    core_paths: list = field(default_factory=list)  # globs of core files; empty: the most-imported files
+    weight_core: float = 3.0  # loss weights by file role
+    weight_test: float = 0.3
+    weight_doc: float = 1.0
+    weight_other: float = 1.0
     seed: int = 0
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
+    rank: int | None = None  # None: derived by `analyze` (8 * sqrt(seq_len / 512) * ln(files + 1), a power of two)
     scale: float = 2.0  # mlx-lm's convention: the update is scale * x @ A @ B
     dropout: float = 0.0
     targets: list = field(default_factory=lambda: ["self_attn", "mlp"])  # module-path prefixes in each layer
@@ -81,11 +96,14 @@ _CHOICES = {
     "model.group_size": (32, 64, 128),
     "memory.attention": ("efficient", "stock"),
     "memory.loss": ("chunked", "full"),
+    "data.split_by": ("file", "directory"),
 }
 _POSITIVE = {
     "data.seq_len",
     "data.max_file_bytes",
     "lora.rank",
+    "data.chain_versions",
+    "data.qa_per_bucket",
     "train.batch_size",
     "train.grad_accum",
     "train.eval_batch_size",
@@ -146,8 +164,13 @@ def validate(config: Config) -> None:
         raise UserError("config: lora.dropout > 0 needs memory.staged: false (recomputation must be deterministic)")
     if config.data.seq_len is not None and config.data.seq_len < 16:
         raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
-    if not 0 < config.data.val_fraction < 0.5:
-        raise UserError(f"config: data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
+    d = config.data
+    if not (0 <= d.fim_rate <= 1 and 0 <= d.augment <= 1 and 0 < d.near_duplicate <= 1 and 0 <= d.min_entropy < 1):
+        raise UserError(
+            "config: data.fim_rate, data.augment, data.min_entropy must be in [0, 1], near_duplicate in (0, 1]"
+        )
+    if min(d.weight_core, d.weight_test, d.weight_doc, d.weight_other) < 0:
+        raise UserError("config: data.weight_* must be 0 or more")
     if config.train.lr <= 0 or config.train.epochs <= 0:
         raise UserError("config: train.lr and train.epochs must be positive")
     if not config.lora.targets:

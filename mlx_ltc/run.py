@@ -40,26 +40,59 @@ def check_out_dir(out: Path, overwrite: bool) -> bool:
     return True
 
 
-def apply_profile(cfg: Config, cache_dir: Path) -> str:
-    """Fill in seq_len, micro-batch and checkpoint policy left open, from the cached memory profile
-    of this model on this backend (`mlx-ltc profile`). Returns where the values came from."""
+def cached_profile(cfg: Config, cache_dir: Path):
     from mlx_ltc.hardware import profile
 
-    p = profile.cached(cache_dir, cfg.model.name, asdict(cfg.memory))
+    return profile.cached(cache_dir, cfg.model.name, asdict(cfg.memory))
+
+
+def apply_profile(cfg: Config, p) -> str:
+    """Fill in the micro-batch and checkpoint policy left open from the cached memory profile of this
+    model on this backend (`mlx-ltc profile`). Returns where the values came from."""
+    from mlx_ltc.hardware import profile
+
     if p is None:
-        cfg.data.seq_len = cfg.data.seq_len or 512
         cfg.train.batch_size = cfg.train.batch_size or 1
-        return "defaults (no matching `mlx-ltc profile` for this model and backend)"
-    chosen = cfg.data.seq_len is None
-    cfg.data.seq_len = cfg.data.seq_len or p["max_seq_len"]
+        return "no `mlx-ltc profile` for this model and backend"
     if cfg.train.batch_size is None:  # the engine's peak grows ~linearly with batch x length
         cfg.train.batch_size = max(1, min(8, p["max_seq_len"] * p["batch_size"] // cfg.data.seq_len))
     if not cfg.memory.layers_per_stage and cfg.data.seq_len * cfg.train.batch_size >= p["max_seq_len"]:
         cfg.memory.layers_per_stage = p["layers_per_stage"]
     return (
         f"memory profile ({profile.format_size(p['memory_budget'])} budget: longest step {p['max_seq_len']:,} tokens)"
-        + ("" if chosen else "; seq_len as given")
     )
+
+
+def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profile=None, progress=True):
+    """analyze + build: the dataset in `out` and the analysis. Fills cfg.data.seq_len when open."""
+    from mlx_ltc.data import blobs
+
+    cache = blobs.BlobCache(Path(cache_dir) / "blobs.sqlite", data.tokenizer_hash(tokenizer))
+    try:
+        corpus = data.Corpus(scan, tokenizer, cfg.data, cache, log=_log, progress=progress)
+    finally:
+        cache.close()
+    analysis = corpus.analysis(profile)
+    derived = analysis["constants"]
+    cfg.data.seq_len = cfg.data.seq_len or derived["seq_len"]["value"]
+    meta = data.build(corpus, out, cfg.data.seq_len, analysis, progress=progress)
+    _log(data_summary(meta))
+    return meta, analysis
+
+
+def data_summary(meta: dict) -> str:
+    s = meta["splits"]
+    line = (
+        f"data: {meta['files']} files -> {s['train']['sequences']} / {s['val']['sequences']} / "
+        f"{s['test']['sequences']} train/val/test sequences of {meta['seq_len']:,} tokens; "
+        f"packing efficiency {meta['packing_efficiency']:.3f}"
+    )
+    extras = [f"{n} {k}" for k, n in sorted(meta["documents"].items()) if k != "file"]
+    if meta["skipped"]:
+        extras.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(meta["skipped"].items())))
+    if meta["cache"]["cached"]:
+        extras.append(f"{meta['cache']['cached']} files from cache")
+    return line + (f" ({'; '.join(extras)})" if extras else "")
 
 
 def default_out(repo: Path) -> Path:
@@ -81,16 +114,20 @@ def run_train(
     if not train.engine.supports(loaded.model) and (cfg.memory.attention == "efficient" or cfg.memory.staged):
         _log(f"memory: the engine does not support {loaded.config.get('model_type')!r} models; using MLX's attention")
         cfg.memory.attention, cfg.memory.staged = "stock", False
-    source = apply_profile(cfg, cache_dir)
-    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size} from {source}")
-    dataset = data.build(scan, loaded.tokenizer, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
-    m = dataset.meta
-    _log(
-        f"data: {len(m['files']['train'])} train / {len(m['files']['val'])} val files, "
-        f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, "
-        f"{m['windows']['train']} / {m['windows']['val']} windows of {cfg.data.seq_len}"
-        + (f"; skipped {sum(m['skipped_counts'].values())} files {m['skipped_counts']}" if m["skipped"] else "")
-    )
+    profile = cached_profile(cfg, cache_dir)
+    staging = out.parent / f".{out.name}.data.tmp"  # the dataset is moved into the run directory below
+    meta, analysis = prepare_data(cfg, scan, loaded.tokenizer, staging, cache_dir, profile, progress)
+    constants = analysis["constants"]
+    source = apply_profile(cfg, profile)
+    if cfg.lora.rank is None:
+        cfg.lora.rank = constants["lora_rank"]["value"]
+    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank} ({source})")
+    if meta["splits"]["train"]["sequences"] == 0 or meta["splits"]["val"]["sequences"] == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(
+            f"repo {scan.root} is too small to hold out validation files: "
+            f"{len(meta['files_by_split']['train'])} train / {len(meta['files_by_split']['val'])} val files"
+        )
     compute = {
         **hardware.describe(),
         "dequantized": loaded.dequantized,
@@ -99,6 +136,8 @@ def run_train(
     if replace:  # only now that the inputs are known to be good
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    staging.rename(out / "data")
+    train_split, val_split = data.load_split(out / "data", "train"), data.load_split(out / "data", "val")
     atomic.write_json(
         out / "config.json",
         {
@@ -110,12 +149,11 @@ def run_train(
             "compute": compute,
         },
     )
-    dataset.save(out / "data")
 
     if cfg.memory.attention == "efficient":  # base and adapted evals then use the same attention
         train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
     _log("eval: base model")
-    base = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval base", progress=progress)
+    base = perplexity(loaded.model, val_split, cfg.train.eval_batch_size, desc="eval base", progress=progress)
     _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
     adapter_config = train.apply_lora(loaded.model, cfg.lora, seed=cfg.train.seed)
     adapter_config.update(
@@ -123,14 +161,14 @@ def run_train(
             "model": cfg.model.name,
             "base_model_dir": str(model_dir),
             "seq_len": cfg.data.seq_len,
-            "tokenizer_hash": m["tokenizer_hash"],
+            "tokenizer_hash": meta["tokenizer_hash"],
         }
     )
     result = train.train(
-        loaded.model, dataset.train, cfg.train, out / "metrics.jsonl", progress=progress, memory=cfg.memory
+        loaded.model, train_split, cfg.train, out / "metrics.jsonl", progress=progress, memory=cfg.memory
     )
     train.save_adapters(loaded.model, out / "adapters", adapter_config)
-    adapted = perplexity(loaded.model, dataset.val, cfg.train.eval_batch_size, desc="eval adapted", progress=progress)
+    adapted = perplexity(loaded.model, val_split, cfg.train.eval_batch_size, desc="eval adapted", progress=progress)
 
     def ppl(p):
         return {"val_loss": p.loss, "val_ppl": p.ppl, "val_tokens": p.tokens}
@@ -142,8 +180,13 @@ def run_train(
         "adapter_dir": str(out / "adapters"),
         "repo": str(scan.root),
         "compute": compute,
-        "data": {k: m[k] for k in ("windows", "tokens", "skipped_counts")}
-        | {"files": {k: len(v) for k, v in m["files"].items()}},
+        "data": {
+            "seq_len": meta["seq_len"],
+            "sequences": {k: v["sequences"] for k, v in meta["splits"].items()},
+            "packing_efficiency": meta["packing_efficiency"],
+            "skipped": meta["skipped"],
+            "files": {k: len(v) for k, v in meta["files_by_split"].items()},
+        },
         "base": ppl(base),
         "adapted": ppl(adapted),
         "train": asdict(result),

@@ -4,7 +4,8 @@
 
 Loads `model_dir` from RUN_DIR/report.json with `mlx_lm.utils.load(..., adapter_path=RUN_DIR/adapters)`
 (the 4-bit model as mlx-lm runs it, not mlx-ltc's dequantized copy), computes the token-weighted
-next-token loss over RUN_DIR/data/val.jsonl, and compares it with report.json. Exit 1 when they differ
+next-token loss over the validation sequences (RUN_DIR/data/val.bin, with the document spans of
+val.jsonl: the repo prefix and padding are not scored), and compares it with report.json. Exit 1 when they differ
 by more than the tolerance. On MLX's CPU backend 4-bit matmuls are slow: the 135M model takes about
 2 minutes per 1,000 tokens here.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.utils import load
 
 
@@ -29,13 +31,20 @@ def main():
 
     report = json.loads((args.run_dir / "report.json").read_text())
     model, _ = load(report["model_dir"], adapter_path=str(args.run_dir / "adapters"))
-    lines = (args.run_dir / "data" / "val.jsonl").read_text().splitlines()[: args.max_windows]
+    data = args.run_dir / "data"
+    meta = json.loads((data / "metadata.json").read_text())
+    sequences = np.fromfile(data / "val.bin", dtype=meta["dtype"]).reshape(-1, meta["seq_len"])
+    lines = (data / "val.jsonl").read_text().splitlines()[: args.max_windows]
     total, count, start = 0.0, 0, time.perf_counter()
-    for line in lines:
-        ids = mx.array(json.loads(line)["tokens"])[None]
+    for line, row in zip(lines, sequences):
+        scored = np.zeros(len(row), dtype=bool)
+        for first, length, *_ in json.loads(line)["spans"]:
+            scored[first : first + length] = True
+        ids = mx.array(row.astype(np.int32))[None]
         logits = model(ids[:, :-1]).astype(mx.float32)
-        total += nn.losses.cross_entropy(logits, ids[:, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
+        nll = nn.losses.cross_entropy(logits, ids[:, 1:])[0]
+        total += (nll * mx.array(scored[1:])).sum().item()
+        count += int(scored[1:].sum())
     loss = total / count
     ours = report["adapted"]["val_loss"]
     print(f"mlx-lm loader: val loss {loss:.6f} over {count} tokens ({time.perf_counter() - start:.0f}s)")

@@ -45,12 +45,15 @@ def test_train_writes_a_complete_run(tiny_run):
     assert report["compute"]["dequantized"] is True  # CPU backend here
     assert (out / "adapters" / "adapters.safetensors").is_file()
     config = json.loads((out / "adapters" / "adapter_config.json").read_text())
-    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 8
+    derived = json.loads((out / "data" / "analysis.json").read_text())["constants"]["lora_rank"]
+    assert derived["inputs"]["seq_len"] == 64  # --seq-len feeds the other constants
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == derived["value"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 7)) and all("loss" in m for m in metrics)
     meta = json.loads((out / "data" / "metadata.json").read_text())
-    train_files = {f["path"] for f in meta["files"]["train"]}
-    assert train_files and not train_files & {f["path"] for f in meta["files"]["val"]}
+    train_files = set(meta["files_by_split"]["train"])
+    assert train_files and not train_files & set(meta["files_by_split"]["val"])
+    assert report["data"]["sequences"]["train"] > 0 and report["data"]["packing_efficiency"] > 0.5
     assert (out / "COMPLETE").is_file()
     assert "validation perplexity" in proc.stdout
 
@@ -81,7 +84,7 @@ def test_finished_run_is_never_overwritten_by_accident(tiny_run):
         (None, (), "does not exist"),
         ({}, (), "is empty"),
         ({"a.bin": b"\0\1", "b.dat": b"\xff\xfe\0"}, (), "no text source files"),
-        ({"only.py": "x = 1\n"}, (), "at least 2 are needed"),
+        ({"only.py": "x = 1\n"}, (), "too small to hold out validation files"),
         ({"a.py": "x = 1\n", "b.py": "y = 2\n"}, ("--model", "no-such-model"), "not found"),
         ({"a.py": "x = 1\n", "b.py": "y = 2\n"}, ("--seq-len", "4"), "data.seq_len must be at least 16"),
     ],

@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten
 
 from mlx_ltc import models, train
 from mlx_ltc.config import LoraConfig, TrainConfig
-from mlx_ltc.data import Windows
+from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train.loss import nll_sum
 
@@ -24,7 +24,7 @@ def random_windows(n, length, seed=0, short_last=None):
     rows = [rng.integers(100, 40000, length, dtype=np.int32) for _ in range(n)]
     if short_last:
         rows[-1] = rows[-1][:short_last]
-    return Windows(rows)
+    return Split.from_rows(rows)
 
 
 def test_padding_never_counts(tiny_dir):
@@ -70,15 +70,36 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert values[-1] == pytest.approx(1e-4)
 
 
+def test_loss_weights_scale_each_target(tiny_dir):
+    """A document weighted 3x counts three times in the weighted mean; weight 0 drops a target."""
+    model = fresh_tiny(tiny_dir, lora=False).model
+    tokens = mx.array(np.arange(100, 120, dtype=np.int32))[None]
+    per_target = nll_sum(model, tokens, mx.ones((1, 19)))[0]
+    w = np.ones((1, 19), dtype=np.float32)
+    w[0, :5], w[0, 5:8] = 3.0, 0.0
+    s, n = nll_sum(model, tokens, mx.array(w))
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    nll = nn_cross_entropy(logits, tokens[:, 1:])[0]
+    assert n.item() == 3 * 5 + 11
+    assert abs(s.item() - (3 * nll[:5].sum() + nll[8:].sum()).item()) < 1e-3
+    assert abs(per_target.item() - nll.sum().item()) < 1e-3
+
+
+def nn_cross_entropy(logits, targets):
+    import mlx.nn as nn
+
+    return nn.losses.cross_entropy(logits, targets)
+
+
 def test_accumulation_is_token_weighted_like_one_big_batch(tiny_dir):
     import mlx.nn as nn
 
     windows = random_windows(2, 33, short_last=9)  # unequal token counts per micro-batch
     loaded = fresh_tiny(tiny_dir, rank=4)
     loss_and_grad = nn.value_and_grad(loaded.model, nll_sum)
-    one, s1, n1 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 2))
-    two, s2, n2 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 1))
-    assert n1.item() == n2.item() == 32 + 8
+    one, s1, n1, t1 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 2))
+    two, s2, n2, t2 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 1))
+    assert n1.item() == n2.item() == t1 == t2 == 32 + 8
     assert abs(s1.item() - s2.item()) < 1e-3
     one, two = dict(tree_flatten(one)), dict(tree_flatten(two))
     assert any(mx.abs(v).max().item() > 1e-6 for v in one.values())  # a comparison of zeros proves nothing
@@ -89,7 +110,7 @@ def test_accumulation_is_token_weighted_like_one_big_batch(tiny_dir):
 def test_grad_checkpoint_gives_the_same_gradients(tiny_dir):
     import mlx.nn as nn
 
-    tokens, lengths = mx.array(random_windows(1, 40).rows[0])[None], mx.array([40])
+    tokens, lengths = mx.array(random_windows(1, 40).tokens[:1]), mx.array([40])
     grads = []
     for ckpt in (False, True):
         loaded = fresh_tiny(tiny_dir, rank=4)
@@ -112,10 +133,10 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_dir):
 def test_training_lowers_loss_and_logs_every_step(tiny_dir, tmp_path):
     windows = random_windows(2, 65)
     loaded = fresh_tiny(tiny_dir, rank=8, scale=4.0)
-    before = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.rows)
+    before = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.tokens)
     cfg = TrainConfig(max_steps=30, batch_size=2, lr=3e-3, warmup_steps=2)
     result = train.train(loaded.model, windows, cfg, tmp_path / "metrics.jsonl", progress=False)
-    after = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.rows)
+    after = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.tokens)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"} <= r.keys() for r in rows)

@@ -1,13 +1,12 @@
-"""Evaluation: token-weighted perplexity over a split's windows."""
+"""Evaluation: perplexity over a split's real tokens (every token counts once, whatever its role weight)."""
 
 import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_ltc.data import Windows
+from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
-from mlx_ltc.train import batches
 from mlx_ltc.train.loss import nll_sum_chunked
 
 
@@ -18,24 +17,29 @@ class Perplexity:
     tokens: int
 
 
-def perplexity(model, windows: Windows, batch_size: int = 4, desc: str = "eval", progress: bool = True) -> Perplexity:
-    if len(windows) == 0:
+def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", progress: bool = True) -> Perplexity:
+    if len(split) == 0:
         raise UserError(f"{desc}: the split is empty")
     from tqdm import tqdm
 
     model.eval()
     total, count = 0.0, 0
-    for tokens, lengths in tqdm(
-        batches(windows, batch_size),
-        total=math.ceil(len(windows) / batch_size),
+    for tokens, real in tqdm(
+        _real_batches(split, batch_size),
+        total=math.ceil(len(split) / batch_size),
         desc=desc,
         unit="batch",
         disable=None if progress else True,
         leave=False,
     ):
-        s, n = nll_sum_chunked(model, tokens, lengths, chunk=128)  # never (B, L, V) logits
+        s, n = nll_sum_chunked(model, tokens, real, chunk=128)  # never (B, L, V) logits
         mx.eval(s, n)
         total += s.item()
         count += n.item()
     loss = total / count
     return Perplexity(loss=loss, ppl=math.exp(loss), tokens=count)
+
+
+def _real_batches(split: Split, batch_size: int):
+    for s in range(0, len(split), batch_size):
+        yield mx.array(split.tokens[s : s + batch_size]), mx.array(split.real[s : s + batch_size].astype("float32"))

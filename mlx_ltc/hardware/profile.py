@@ -162,7 +162,7 @@ def probe(model, memory_cfg, seq_len: int, budget: int | None, batch_size: int =
     mx.reset_peak_memory()
     start = time.perf_counter()
     try:
-        grads, _, _ = accumulate_gradients(step_fn, model, [(tokens, lengths)])
+        grads, _, _, _ = accumulate_gradients(step_fn, model, [(tokens, lengths, 0)])
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)

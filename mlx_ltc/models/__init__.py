@@ -131,3 +131,15 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         dequantized=do_dequantize,
         dtype=",".join(sorted(str(d).split(".")[-1] for d in dtypes)),
     )
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer alone (no weights), for the data stages."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0] if str(e) else e}"
+        ) from None

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_ltc import atomic, hardware
 from mlx_ltc.config import LoraConfig, MemoryConfig, TrainConfig
-from mlx_ltc.data import Windows
+from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import engine
 
@@ -59,7 +59,12 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     n_layers = len(model.layers) if cfg.layers < 0 else min(cfg.layers, len(model.layers))
-    params = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": lora_keys(model, cfg)}
+    params = {
+        "rank": cfg.rank or 8,  # None outside `train` (which derives it): mlx-lm's default
+        "scale": cfg.scale,
+        "dropout": cfg.dropout,
+        "keys": lora_keys(model, cfg),
+    }
     model.freeze()
     mx.random.seed(seed)
     linear_to_lora_layers(model, n_layers, params)
@@ -74,15 +79,13 @@ def save_adapters(model, adapter_dir: Path, adapter_config: dict) -> None:
     atomic.write_json(adapter_dir / "adapter_config.json", adapter_config)
 
 
-def batches(windows: Windows, batch_size: int, rng=None):
-    """Yield (tokens (B, T) int32, lengths (B,)) batches; shuffled when rng is given."""
-    order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
+def batches(split: Split, batch_size: int, rng=None):
+    """Yield (tokens (B, L) int32, target weights (B, L-1) float32, real targets) batches; shuffled
+    when rng is given. Weights are the documents' role weights, 0 on padding and the repo prefix."""
+    order = rng.permutation(len(split)) if rng is not None else np.arange(len(split))
     for start in range(0, len(order), batch_size):
-        rows = [windows.rows[i] for i in order[start : start + batch_size]]
-        tokens = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int32)
-        for b, r in enumerate(rows):
-            tokens[b, : len(r)] = r
-        yield mx.array(tokens), mx.array([len(r) for r in rows])
+        idx = np.sort(order[start : start + batch_size]) if rng is None else order[start : start + batch_size]
+        yield mx.array(split.tokens[idx]), mx.array(split.weights[idx]), int(split.real[idx].sum())
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int):
@@ -117,32 +120,32 @@ def enable_grad_checkpoint(model):
 
 
 def accumulate_gradients(loss_and_grad, model, micro_batches):
-    """Mean-over-tokens gradient of several micro-batches, as if they were one batch.
-    Returns (grads, summed loss, token count)."""
-    grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0)
-    for batch_tokens, lengths in micro_batches:
-        (s, n), g = loss_and_grad(model, batch_tokens, lengths)
+    """Weighted-mean gradient of several micro-batches, as if they were one batch.
+    Returns (grads, summed weighted loss, summed weight, real tokens)."""
+    grads, loss_sum, weight, tokens = None, mx.array(0.0), mx.array(0.0), 0
+    for batch_tokens, weights, n_real in micro_batches:
+        (s, n), g = loss_and_grad(model, batch_tokens, weights)
         grads = g if grads is None else tree_map(mx.add, grads, g)
-        loss_sum, tokens = loss_sum + s, tokens + n
-        mx.eval(grads, loss_sum, tokens)  # one micro-batch's graph alive at a time
-    return tree_map(lambda g: g / tokens, grads), loss_sum, tokens
+        loss_sum, weight, tokens = loss_sum + s, weight + n, tokens + n_real
+        mx.eval(grads, loss_sum, weight)  # one micro-batch's graph alive at a time
+    return tree_map(lambda g: g / weight, grads), loss_sum, weight, tokens
 
 
 def train(
     model,
-    windows: Windows,
+    split: Split,
     cfg: TrainConfig,
     metrics_path: Path,
     progress: bool = True,
     memory: MemoryConfig | None = None,
 ) -> TrainResult:
-    if len(windows) == 0:
+    if len(split) == 0:
         raise UserError("the training split is empty")
     from tqdm import tqdm
 
     batch_size = cfg.batch_size or 1  # run_train fills it from the memory profile
     per_update = batch_size * cfg.grad_accum
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(windows) / per_update))
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(split) / per_update))
     memory = memory or MemoryConfig()
     if cfg.grad_checkpoint and not memory.staged:
         enable_grad_checkpoint(model)
@@ -153,7 +156,7 @@ def train(
 
     def endless():
         while True:
-            yield from batches(windows, batch_size, rng)
+            yield from batches(split, batch_size, rng)
 
     stream = endless()
     model.train()
@@ -165,13 +168,13 @@ def train(
     with open(metrics_path, "w", encoding="utf-8") as metrics:
         for step in range(1, steps + 1):
             micro_batches = (next(stream) for _ in range(cfg.grad_accum))
-            grads, loss_total, tokens = accumulate_gradients(step_fn, model, micro_batches)
+            grads, loss_total, weight, tokens = accumulate_gradients(step_fn, model, micro_batches)
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             lr = schedule(mx.array(step - 1))
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
-            seen_tokens += tokens.item()
-            loss = (loss_total / tokens).item()
+            seen_tokens += tokens
+            loss = (loss_total / weight).item()
             elapsed = time.perf_counter() - start
             row = {
                 "step": step,

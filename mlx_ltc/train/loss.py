@@ -1,4 +1,7 @@
-"""Next-token loss over real tokens only: padding never contributes.
+"""Weighted next-token loss: padding never contributes; documents can weigh more or less.
+
+`targets` below is either lengths (B,) — row b real for its first lengths[b] tokens — or per-target
+weights (B, T-1), the loss weight of each next-token target (0 = ignored).
 
 `chunked_nll` never materialises the (L x V) logits: positions go through the LM head in chunks,
 forward and backward (a custom VJP recomputes each chunk's logits), one chunk alive at a time.
@@ -11,8 +14,10 @@ __all__ = ["chunked_nll", "head_of", "next_token_targets", "nll_sum", "nll_sum_c
 
 
 def next_token_targets(tokens: mx.array, lengths: mx.array):
-    """(inputs, targets, weights): weights are 1.0 on real next-token targets, 0.0 on padding."""
+    """(inputs, targets, weights) from lengths (B,) or target weights (B, T-1)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if lengths.ndim == 2:
+        return inputs, targets, lengths.astype(mx.float32)
     weights = (mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)).astype(mx.float32)
     return inputs, targets, weights
 
@@ -23,9 +28,9 @@ def head_of(model):
 
 
 def nll_sum(model, tokens: mx.array, lengths: mx.array):
-    """Summed next-token NLL over real tokens, and how many there were (full logits: stock path).
+    """Weighted sum of next-token NLL and the summed weight (full logits: the stock path).
 
-    tokens: (B, T) int32, row b real for its first lengths[b] entries; predicts tokens[:, 1:].
+    tokens: (B, T) int32, predicting tokens[:, 1:]; lengths: (B,) or (B, T-1) weights (see above).
     """
     inputs, targets, weights = next_token_targets(tokens, lengths)
     logits = model(inputs).astype(mx.float32)
