@@ -42,8 +42,8 @@ def derive(p95_tokens: float, mean_depth: float, n_files: int, total_tokens: int
     return [
         Constant("seq_len", seq_len, "round_up(p95_file_tokens * (1 + mean_import_depth / 10), 512), capped"
                  + ("" if seq_len == derived else f"; overridden (derived: {derived})"),
-                 {"p95_file_tokens": round(p95_tokens, 1), "mean_import_depth": round(mean_depth, 3), "raw": round(raw, 1),
-                  "cap": cap, "cap_from": cap_from}),
+                 {"p95_file_tokens": round(p95_tokens, 1), "mean_import_depth": round(mean_depth, 3),
+                  "raw": round(raw, 1), "cap": cap, "cap_from": cap_from}),
         Constant("lora_rank", rank, "pow2(8 * sqrt(seq_len / 512) * ln(files + 1)) clamped to [4, 64]",
                  {"seq_len": seq_len, "files": n_files, "raw": round(rank_raw, 2)}),
         Constant("phases", phases, "min(3, 1 + log2(seq_len / 512)), fewer while tokens < phases * 50 * seq_len",

@@ -89,9 +89,9 @@ class Corpus:
         return [i for i in kept if i.path not in near]
 
     def analysis(self, profile=None) -> dict:
-        infos = list(self.infos.values())
+        infos, seq_len = list(self.infos.values()), self.cfg.seq_len
         result = analyze.analysis(
-            self.scan, infos, self.graph, self.tokenizer_name, self.tokenizer_hash, profile, self.roles, self.cfg.seq_len
+            self.scan, infos, self.graph, self.tokenizer_name, self.tokenizer_hash, profile, self.roles, seq_len
         )
         skipped = [{"path": p, "reason": r} for p, r in self.skipped]
         return result | {"skipped": _counts(self.skipped), "skipped_files": skipped, "dedup": self.dedup}
