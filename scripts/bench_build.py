@@ -18,6 +18,21 @@ import time
 from pathlib import Path
 
 
+def tokenize_only(repo, model):
+    """The floor: the model's tokenizer alone over the same files (batched, all cores)."""
+    from mlx_ltc import data, models
+    from mlx_ltc.data.formats import Encoder
+
+    encode = Encoder(models.load_tokenizer(models.resolve(model, models.default_cache_dir())))
+    texts = [f.text for f in data.scan(repo).files]
+    start = time.perf_counter()
+    for s in range(0, len(texts), 64):
+        encode(texts[s : s + 64])
+    wall = time.perf_counter() - start
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    print(json.dumps({"total_s": wall, "mb_per_s": mb / wall}))
+
+
 def child(repo, model, seq_len, cache, out):
     from mlx_ltc import config, data, models
     from mlx_ltc.data import blobs
@@ -54,6 +69,8 @@ def main():
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == ["tokenize", "only"]:
+        return tokenize_only(args.repo, args.model)
     if args.child:
         return child(args.repo, args.model, args.seq_len, *args.child)
     results = {}
@@ -66,15 +83,24 @@ def main():
             if proc.returncode:
                 sys.exit(f"{run} build failed:\n{proc.stderr}")
             results[run] = json.loads(proc.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--repo", str(args.repo), "--model", args.model, "--child", "tokenize", "only"]
+        floor = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        results["tokenizer_only"] = floor
     cold, warm = results["cold"], results["warm"]
     print(f"repo {args.repo}: {cold['files']:,} files, {cold['source_mb']:.1f} MB ({cold['kept']:,} kept), "
           f"{os.cpu_count()} CPUs, tokenizer of {args.model}")  # fmt: skip
     print(
         f"{'':6}{'scan':>8}{'process':>9}{'filter+graph':>14}{'pack+write':>12}{'total':>8}{'MB/s':>8}{'peak RSS':>10}"
     )
-    for name, r in results.items():
+    for name in ("cold", "warm"):
+        r = results[name]
         print(f"{name:6}{r['scan_s']:>7.1f}s{r['process_s']:>8.1f}s{r['graph_filter_s']:>13.1f}s{r['build_s']:>11.1f}s"
               f"{r['total_s']:>7.1f}s{r['mb_per_s']:>8.2f}{r['peak_rss_mb']:>8.0f}MB")  # fmt: skip
+    floor = results["tokenizer_only"]
+    print(
+        f"tokenizer alone over the same files: {floor['total_s']:.1f}s ({floor['mb_per_s']:.2f} MB/s); "
+        f"cold build / tokenizer alone: {cold['total_s'] / floor['total_s']:.2f}x the time"
+    )
     print(
         f"warm/cold speed-up {cold['total_s'] / warm['total_s']:.1f}x; packing efficiency "
         f"{cold['packing_efficiency']:.4f}; dedup {cold['dedup']}; import edges {cold['edges']:,}"
