@@ -295,7 +295,7 @@ def test_build_end_to_end(tmp_path, tokenizer):
 def test_qa_probes_hold_the_evidence_at_the_recorded_distance(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
     _, meta = build_repo(repo, tokenizer, tmp_path / "ds", seq_len=1024)
-    assert meta["qa"]["buckets"] == [256, 512]
+    assert meta["qa"]["buckets"] == [256, 512, 768]
     rows = [json.loads(line) for s in ("val", "test") for line in (tmp_path / "ds" / "qa" / f"{s}.jsonl").open()]
     assert rows
     for s in ("val", "test"):

@@ -311,6 +311,8 @@ def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> dict:
     cfg = corpus.cfg
     max_len = cfg.qa_max_len or seq_len
     buckets = [b for b in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if b <= 0.85 * max_len]
+    top = int(0.8 * max_len) // 64 * 64  # near the longest distance the prompt length allows
+    buckets += [top] if buckets and top > buckets[-1] else []
     order = corpus.graph.order
     summary = {"max_len": max_len, "buckets": buckets}
     (tmp / "qa").mkdir()
