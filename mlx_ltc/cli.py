@@ -59,7 +59,7 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
     "--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: runs/REPO-TIMESTAMP]."
 )
 @click.option("--max-steps", type=int, default=None, help="Optimizer updates [default: one epoch].")
-@click.option("--seq-len", type=int, default=None, help="Tokens per training window.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per training sequence [default: derived by analyze].")
 @click.option("--bits", type=int, default=None, help="Quantize to this many bits when the model is not quantized.")
 @click.option("--group-size", type=int, default=None, help="Quantization group size.")
 @click.option(

@@ -54,7 +54,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int | None = None  # None: run `epochs` over the training windows
+    max_steps: int | None = None  # None: run `epochs` over the training sequences
     epochs: float = 1.0
     batch_size: int | None = None  # None: from the memory profile when seq_len is below its maximum, else 1
     grad_accum: int = 1

@@ -53,6 +53,30 @@ def test_scan_skips_binary_huge_nonutf8_generated_vendored_and_honours_gitignore
     assert dict(data.scan(long_line).skipped) == {"min.js": "minified or data"}
 
 
+def test_symlink_loops_and_submodules_are_skipped_not_followed(tmp_path):
+    import os
+
+    repo = write_files(tmp_path / "r", {"a.py": "x = 1\n", "sub/b.py": "y = 2\n"})
+    os.symlink("..", repo / "sub" / "loop")  # a directory loop
+    os.symlink("a.py", repo / "link.py")
+    scan = data.scan(repo)
+    assert [f.path for f in scan.files] == ["a.py", "sub/b.py"] and dict(scan.skipped) == {"link.py": "symlink"}
+
+    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_ALLOW_PROTOCOL": "file"}  # fmt: skip
+    run = lambda *a, cwd: subprocess.run(a, cwd=cwd, check=True, capture_output=True, env={**os.environ, **env})
+    inner = write_files(tmp_path / "inner", {"lib.py": "z = 3\n"})
+    run("git", "init", "-q", cwd=inner)
+    run("git", "add", ".", cwd=inner)
+    run("git", "commit", "-qm", "x", cwd=inner)
+    outer = write_files(tmp_path / "outer", {"main.py": "import lib\n"})
+    run("git", "init", "-q", cwd=outer)
+    run("git", "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(inner), "vendored_lib", cwd=outer)
+    scan = data.scan(outer)
+    assert {f.path for f in scan.files} == {"main.py", ".gitmodules"}
+    assert dict(scan.skipped) == {"vendored_lib": "submodule"}
+
+
 def test_git_listing_uses_ls_files(tmp_path):
     repo = write_files(tmp_path, {"a.py": "x = 1\n", "b.py": "y = 2\n", "junk.log": "log\n", ".gitignore": "*.log\n"})
     subprocess.run(["git", "init", "-q", str(repo)], check=True)

@@ -37,7 +37,7 @@ def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", pro
         total += s.item()
         count += n.item()
     loss = total / count
-    return Perplexity(loss=loss, ppl=math.exp(loss), tokens=count)
+    return Perplexity(loss=loss, ppl=math.exp(loss), tokens=int(count))
 
 
 def _real_batches(split: Split, batch_size: int):
