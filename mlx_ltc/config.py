@@ -165,6 +165,12 @@ def validate(config: Config) -> None:
     if config.data.seq_len is not None and config.data.seq_len < 16:
         raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
     d = config.data
+    try:
+        shares = [float(x) for x in d.split.split("/")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
+        raise UserError(f"config: data.split must be train/val/test shares like 85/10/5, got {d.split!r}")
     if not (0 <= d.fim_rate <= 1 and 0 <= d.augment <= 1 and 0 < d.near_duplicate <= 1 and 0 <= d.min_entropy < 1):
         raise UserError(
             "config: data.fim_rate, data.augment, data.min_entropy must be in [0, 1], near_duplicate in (0, 1]"

@@ -440,6 +440,24 @@ def test_build_bad_input_is_one_line_and_writes_nothing(tmp_path, cache_dir, fil
     assert not (tmp_path / "ds").exists()
 
 
+def test_corrupt_blob_cache_is_set_aside(tmp_path, tokenizer):
+    from mlx_ltc.data.blobs import BlobCache
+
+    path = tmp_path / "blobs.sqlite"
+    path.write_bytes(b"not a database" * 100)
+    cache = BlobCache(path, "h")
+    assert cache.get_many(["x"]) == {} and (tmp_path / "blobs.sqlite.corrupt").is_file()
+    cache.put_many([("x", b"", b"", "{}")])
+    assert "x" in cache.get_many(["x"])
+
+
+def test_bad_split_is_a_config_error():
+    from mlx_ltc import config
+
+    with pytest.raises(UserError, match="data.split must be"):
+        config.build(None, {"data": {"split": "80/20"}})
+
+
 def test_build_refuses_to_replace_a_foreign_directory(tmp_path, cache_dir):
     repo = package_repo(tmp_path / "repo")
     (tmp_path / "mine").mkdir()

@@ -39,10 +39,20 @@ class BlobCache:
     """SQLite store of per-blob results; safe to share between builds (one writer at a time)."""
 
     def __init__(self, path: Path, tokenizer_hash: str):
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, tokens BLOB, sig BLOB, info TEXT)")
         self.salt = f"v{VERSION}:{tokenizer_hash}"
+        try:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError:  # a damaged cache is only lost work: set it aside, start afresh
+            path.replace(path.with_name(path.name + ".corrupt"))
+            self.db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path):
+        db = sqlite3.connect(str(path), timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, tokens BLOB, sig BLOB, info TEXT)")
+        return db
 
     def key(self, blob: str, language) -> str:
         return f"{self.salt}:{language}:{blob}"

@@ -23,14 +23,8 @@ def weights_of(cfg: DataConfig) -> dict:
 
 
 def fractions(cfg: DataConfig) -> tuple:
-    try:
-        parts = [float(x) for x in cfg.split.split("/")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or parts[1] <= 0:
-        raise UserError(f"data.split must be train/val/test percentages like 85/10/5, got {cfg.split!r}")
-    total = sum(parts)
-    return tuple(p / total for p in parts)
+    parts = [float(x) for x in cfg.split.split("/")]  # validated with the config
+    return tuple(p / sum(parts) for p in parts)
 
 
 class Corpus:
