@@ -55,9 +55,7 @@ def atomic_dir(path):
     If another process placed `path` first, its copy wins and ours is discarded.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = _temp_dir(path)
     try:
         yield tmp
         try:
@@ -76,9 +74,7 @@ def replace_dir(path):
     """Build a directory under a temp name, then swap it in for `path` (which may exist): the old
     content stays whole until the new one is complete, and a failure leaves it untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = _temp_dir(path)
     try:
         yield tmp
     except BaseException:
@@ -91,3 +87,11 @@ def replace_dir(path):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _temp_dir(path: Path) -> Path:
+    """An empty directory beside `path` (same filesystem, so a rename moves it into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp

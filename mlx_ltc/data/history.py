@@ -39,7 +39,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mlx_ltc.data.sources import MAX_LINE_CHARS
+from mlx_ltc.data.sources import decode
 
 SPECIAL_MODES = {"160000": "submodule", "120000": "symlink"}  # not text: a gitlink's id is a commit
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_NO_LAZY_FETCH": "1"}  # never reach a partial clone's remote
@@ -215,15 +215,7 @@ def _text(mode, data):
         return None, SPECIAL_MODES[mode]
     if isinstance(data, str):
         return None, data
-    if b"\0" in data[:8192]:
-        return None, "binary"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "not UTF-8"
-    if max(map(len, text.splitlines()), default=0) > MAX_LINE_CHARS:
-        return None, "generated or data"
-    return text, None
+    return decode(data)
 
 
 def _message(commit) -> str:

@@ -137,18 +137,26 @@ def _read_text(path: Path, rel: str, max_file_bytes: int):
         data = path.read_bytes()
     except OSError:
         return None, "unreadable"
+    text, reason = decode(data)
+    if reason:
+        return None, reason
+    if not text.strip():
+        return None, "empty"
+    head = "\n".join(text.splitlines()[:5]).lower()
+    if any(m in head for m in GENERATED_MARKERS):
+        return None, "generated"
+    return text, None
+
+
+def decode(data: bytes):
+    """(text, None) for usable UTF-8 source bytes, else (None, reason): binary, not UTF-8, or lines
+    so long that the file is minified or data."""
     if b"\0" in data[:8192]:
         return None, "binary"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None, "not UTF-8"
-    if not text.strip():
-        return None, "empty"
-    lines = text.splitlines()
-    if max(map(len, lines), default=0) > MAX_LINE_CHARS:
+    if max(map(len, text.splitlines()), default=0) > MAX_LINE_CHARS:
         return None, "minified or data"
-    head = "\n".join(lines[:5]).lower()
-    if any(m in head for m in GENERATED_MARKERS):
-        return None, "generated"
     return text, None
