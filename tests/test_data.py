@@ -465,3 +465,18 @@ def test_build_refuses_to_replace_a_foreign_directory(tmp_path, cache_dir):
     proc = run_cli("build", "--repo", repo, "--out", tmp_path / "mine", "--quiet")
     assert proc.returncode != 0 and "not an mlx-ltc dataset" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_rebuild_leaves_the_old_dataset_whole(tmp_path):
+    from mlx_ltc import atomic
+
+    old = tmp_path / "d"
+    old.mkdir()
+    (old / "metadata.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic.replace_dir(old) as tmp:
+        (tmp / "metadata.json").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (old / "metadata.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["d"]
+    with atomic.replace_dir(old) as tmp:
+        (tmp / "metadata.json").write_text("new")
+    assert (old / "metadata.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
