@@ -77,6 +77,14 @@ def test_symlink_loops_and_submodules_are_skipped_not_followed(tmp_path):
     assert dict(scan.skipped) == {"vendored_lib": "submodule"}
 
 
+def test_unwritable_path_names_are_skipped(tmp_path):
+    repo = write_files(tmp_path / "r", {"a.py": "x = 1\n", "line\nbreak.py": "y = 2\n"})
+    (repo / b"caf\xe9.py".decode("utf-8", "surrogateescape")).write_text("z = 3\n")
+    scan = data.scan(repo)
+    assert [f.path for f in scan.files] == ["a.py"]
+    assert dict(scan.skipped) == {"caf\ufffd.py": "path not UTF-8", "line\nbreak.py": "control character in path"}
+
+
 def test_git_listing_uses_ls_files(tmp_path):
     repo = write_files(tmp_path, {"a.py": "x = 1\n", "b.py": "y = 2\n", "junk.log": "log\n", ".gitignore": "*.log\n"})
     subprocess.run(["git", "init", "-q", str(repo)], check=True)

@@ -53,6 +53,10 @@ def scan(root, max_file_bytes: int = 1_000_000) -> RepoScan:
     if not paths:
         raise UserError(f"repo {root} is empty: no files to train on")
     for rel in sorted(paths):
+        reason = _path_problem(rel)
+        if reason:  # such a name can't be written into a file header or the metadata as it is
+            result.skipped.append((rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), reason))
+            continue
         text, reason = _read_text(root / rel, rel, max_file_bytes)
         if reason:
             result.skipped.append((rel, reason))
@@ -111,6 +115,14 @@ def _walk_files(root: Path) -> list:
         )
         files += [rel_dir + f for f in filenames if not ignored(rel_dir + f, False)]
     return files
+
+
+def _path_problem(rel: str):
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "path not UTF-8"
+    return None if rel.isprintable() else "control character in path"
 
 
 def _read_text(path: Path, rel: str, max_file_bytes: int):
