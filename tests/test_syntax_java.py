@@ -1,32 +1,12 @@
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_ltc.data.syntax import language_of, parse, resolve_all
+from polyglot import described, edges, syntax
+
+from mlx_ltc.data.syntax import language_of, parse
 from mlx_ltc.data.syntax.java import Resolver
 
-ROOT = Path(__file__).parent / "fixtures" / "polyglot"
-PATHS = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_file())
 MAIN = "java/src/main/java/com/acme"
-
-
-def read(path):
-    return (ROOT / path).read_text()
-
-
-def syntax(path):
-    return parse(path, (ROOT / path).read_bytes())
-
-
-def edges(subdir):
-    syntaxes = {p: syntax(p) for p in PATHS if p.startswith(subdir + "/")}
-    return {(a, b) for a, b in resolve_all(syntaxes, PATHS, read)}
-
-
-def described(path):
-    source = (ROOT / path).read_bytes()
-    return [(d.name, d.kind, d.depth, d.returns, source[d.start : d.end].decode()) for d in syntax(path).definitions]
 
 
 def test_edges():

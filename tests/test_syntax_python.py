@@ -1,26 +1,10 @@
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_ltc.data.syntax import language_of, parse, resolve_all
+from polyglot import PATHS, ROOT, edges, syntax
+
+from mlx_ltc.data.syntax import language_of, parse
 from mlx_ltc.data.syntax.python import Resolver
-
-ROOT = Path(__file__).parent / "fixtures" / "polyglot"
-PATHS = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_file())
-
-
-def read(path):
-    return (ROOT / path).read_text()
-
-
-def syntax(path):
-    return parse(path, (ROOT / path).read_bytes())
-
-
-def edges(subdir):
-    syntaxes = {p: syntax(p) for p in PATHS if p.startswith(subdir + "/")}
-    return {(a, b) for a, b in resolve_all(syntaxes, PATHS, read)}
 
 
 def spans(path):
