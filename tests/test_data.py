@@ -466,6 +466,14 @@ def test_bad_split_is_a_config_error():
         config.build(None, {"data": {"split": "80/20"}})
 
 
+def test_unwritable_output_is_one_line(tmp_path, cache_dir):
+    repo = package_repo(tmp_path / "repo")
+    (tmp_path / "file").write_text("")
+    proc = run_cli("analyze", "--repo", repo, "--json", tmp_path / "file" / "a.json", "--quiet")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"Error: File exists: {tmp_path / 'file'}"]  # mkdir of the parent
+
+
 def test_build_refuses_to_replace_a_foreign_directory(tmp_path, cache_dir):
     repo = package_repo(tmp_path / "repo")
     (tmp_path / "mine").mkdir()
