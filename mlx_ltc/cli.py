@@ -70,15 +70,17 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None,
+              help="mlx (default) or torch: the reference implementation, for small models.")  # fmt: skip
 @_memory_options
-def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, **memory):
+def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend, **memory):
     """Build a dataset from REPO, train LoRA adapters, report validation perplexity before/after."""
     from mlx_ltc import config, run
 
     flags = {
         "model": {"name": model, "bits": bits, "group_size": group_size},
         "data": {"seq_len": seq_len},
-        "train": {"max_steps": max_steps},
+        "train": {"max_steps": max_steps, "backend": backend},
         "memory": _memory_flags(**memory),
     }
     overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
@@ -192,12 +194,43 @@ def profile_cmd(model, memory_budget, max_len, granularity, start, batch_size, c
     click.echo(profile.summary(result), nl=False)
 
 
+@cli.command("compare")
+@click.option("--model", default="tiny-starcoder2", show_default=True, help="Model to check (as for train).")
+@click.option("--steps", type=int, default=5, show_default=True, help="Optimizer steps on both sides.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Sequences per step.")
+@click.option("--source", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Directory of Python files to make the batches from [default: mlx_ltc's own source].")  # fmt: skip
+@click.option("--reference-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@_memory_options
+def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json_out, **memory):
+    """Check MLX against the torch reference: forward, loss, LoRA gradients and N optimizer steps.
+
+    Exits non-zero when any quantity is outside its tolerance (mlx_ltc/reference/__init__.py).
+    """
+    from mlx_ltc import atomic, config, models
+    from mlx_ltc.reference import compare
+
+    overrides = {"memory": {k: v for k, v in _memory_flags(**memory).items() if v is not None}}
+    mem = config.build(None, overrides).memory
+    result = compare.run(
+        model, steps, seq_len, batch_size, source, models.default_cache_dir(), mem, reference_dtype,
+        log=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    click.echo(result.table(), nl=False)
+    if json_out:
+        atomic.write_json(json_out, result.to_dict())
+    if not result.ok:
+        raise SystemExit(1)
+
+
 def main():
     from mlx_ltc import hardware
 
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile"):
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

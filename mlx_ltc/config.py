@@ -66,6 +66,7 @@ class TrainConfig:
     grad_checkpoint: bool = False  # per-layer mx.checkpoint; only used when memory.staged is false
     eval_batch_size: int = 4
     seed: int = 0
+    backend: str = "mlx"  # mlx | torch (the reference: transformers on torch CPU, small models, no memory engine)
 
 
 @dataclass
@@ -97,6 +98,7 @@ _CHOICES = {
     "memory.attention": ("efficient", "stock"),
     "memory.loss": ("chunked", "full"),
     "data.split_by": ("file", "directory"),
+    "train.backend": ("mlx", "torch"),
 }
 _POSITIVE = {
     "data.seq_len",

@@ -11,10 +11,9 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_ltc import __version__, atomic, data, hardware, models, train
+from mlx_ltc import __version__, atomic, backend, data, hardware, models
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
-from mlx_ltc.eval import perplexity
 
 COMPLETE = "COMPLETE"
 
@@ -108,13 +107,11 @@ def run_train(
     replace = check_out_dir(out, overwrite)
     scan = data.scan(repo, cfg.data.max_file_bytes)  # cheap input errors before any model work
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
+    compute_with = backend.get(cfg.train.backend)
     _log(f"model: resolving {cfg.model.name}")
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
-    loaded = models.load(model_dir, cfg.model.dequantize)
-    if not train.engine.supports(loaded.model) and (cfg.memory.attention == "efficient" or cfg.memory.staged):
-        _log(f"memory: the engine does not support {loaded.config.get('model_type')!r} models; using MLX's attention")
-        cfg.memory.attention, cfg.memory.staged = "stock", False
-    profile = cached_profile(cfg, cache_dir)
+    loaded = compute_with.load(model_dir, cfg, _log)
+    profile = cached_profile(cfg, cache_dir) if compute_with.name == "mlx" else None  # profiles measure MLX
     staging = out.parent / f".{out.name}.data.tmp"  # the dataset is moved into the run directory below
     meta, analysis = prepare_data(cfg, scan, loaded.tokenizer, staging, cache_dir, profile, progress)
     constants = analysis["constants"]
@@ -130,8 +127,10 @@ def run_train(
         )
     compute = {
         **hardware.describe(),
+        "backend": compute_with.name,
         "dequantized": loaded.dequantized,
         "dtype": loaded.dtype,
+        "fixes": loaded.fixes,
     }
     if replace:  # only now that the inputs are known to be good
         shutil.rmtree(out)
@@ -150,12 +149,10 @@ def run_train(
         },
     )
 
-    if cfg.memory.attention == "efficient":  # base and adapted evals then use the same attention
-        train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
     _log("eval: base model")
-    base = perplexity(loaded.model, val_split, cfg.train.eval_batch_size, desc="eval base", progress=progress)
+    base = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval base", progress)
     _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
-    adapter_config = train.apply_lora(loaded.model, cfg.lora, seed=cfg.train.seed)
+    adapter_config = compute_with.apply_lora(loaded.model, cfg)
     adapter_config.update(
         {
             "model": cfg.model.name,
@@ -164,11 +161,9 @@ def run_train(
             "tokenizer_hash": meta["tokenizer_hash"],
         }
     )
-    result = train.train(
-        loaded.model, train_split, cfg.train, out / "metrics.jsonl", progress=progress, memory=cfg.memory
-    )
-    train.save_adapters(loaded.model, out / "adapters", adapter_config)
-    adapted = perplexity(loaded.model, val_split, cfg.train.eval_batch_size, desc="eval adapted", progress=progress)
+    result = compute_with.train(loaded.model, train_split, cfg, out / "metrics.jsonl", progress)
+    compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
+    adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)
 
     def ppl(p):
         return {"val_loss": p.loss, "val_ppl": p.ppl, "val_tokens": p.tokens}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mlx_ltc.atomic import atomic_dir
 from mlx_ltc.errors import UserError
-from mlx_ltc.models import embedded, tiny
+from mlx_ltc.models import embedded, faithful, tiny
 
 BUILTIN = (embedded.NAME, tiny.NAME)
 
@@ -33,6 +33,7 @@ class LoadedModel:
     config: dict
     dequantized: bool
     dtype: str
+    fixes: list  # what `faithful` changed so the model computes what its config says
 
 
 def resolve(name: str, cache_dir: Path, bits: int = 4, group_size: int = 64) -> Path:
@@ -115,12 +116,13 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         raise UserError(
             f"cannot load model from {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
+    fixes = faithful.apply(model, config)
     do_dequantize = dequantize == "always" or (dequantize == "auto" and hardware.on_cpu())
-    if do_dequantize:
+    if do_dequantize:  # scales to fp32 first: bf16 scales would otherwise round every weight to bf16
+        to_fp32 = lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p  # noqa: E731
+        model.update(tree_map(to_fp32, model.parameters()))
         model = dequantize_model(model)
-        model.update(
-            tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
-        )
+        model.update(tree_map(to_fp32, model.parameters()))
     dtypes = {p.dtype for _, p in tree_flatten(model.parameters()) if mx.issubdtype(p.dtype, mx.floating)}
     model.freeze()
     return LoadedModel(
@@ -130,6 +132,7 @@ def load(model_dir: Path, dequantize: str = "auto") -> LoadedModel:
         config=config,
         dequantized=do_dequantize,
         dtype=",".join(sorted(str(d).split(".")[-1] for d in dtypes)),
+        fixes=fixes,
     )
 
 

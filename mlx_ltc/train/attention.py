@@ -6,10 +6,14 @@ ever exists: a block holds (rows x keys-so-far) scores, and the block height is 
 working set stays under `block_bytes`. Plain MLX ops, so it runs on CPU, CUDA and Metal.
 
 Layout is mlx-lm's: q (B, Hq, L, D), k/v (B, Hkv, L, D), query head h reads KV head h // (Hq/Hkv).
-RoPE is applied by the caller, as in mlx-lm's attention modules.
+RoPE is applied by the caller, as in mlx-lm's attention modules. With a sliding window W (a query
+sees itself and the W - 1 keys before it, StarCoder2's rule) a block reads only the keys its window
+reaches, so time and memory are O(L * W).
 """
 
 import mlx.core as mx
+
+from mlx_ltc.train.reductions import logsumexp
 
 __all__ = ["attention_backward", "attention_forward", "efficient_attention", "naive_attention", "query_block"]
 
@@ -26,19 +30,28 @@ def _blocks(length: int, rows: int):
         yield start, min(start + rows, length)
 
 
-def _scores(qb, k, scale, start, end, segments):
-    """fp32 masked scores of query rows [start, end) against keys [0, end): (B, Hkv, G, n, end)."""
+def first_key(start: int, window: int | None) -> int:
+    """The first key any query row >= start can see."""
+    return 0 if window is None else max(0, start - window + 1)
+
+
+def _scores(qb, k, scale, start, end, segments, window=None):
+    """fp32 masked scores of query rows [start, end) against keys [lo, end): (B, Hkv, G, n, end - lo)."""
     B, Hkv, G, n, D = qb.shape
-    s = (qb.reshape(B, Hkv, G * n, D) * scale) @ k[:, :, :end].swapaxes(-1, -2)
-    s = s.reshape(B, Hkv, G, n, end).astype(mx.float32)
-    allowed = mx.arange(start, end)[:, None] >= mx.arange(end)[None, :]
+    lo = first_key(start, window)
+    s = (qb.reshape(B, Hkv, G * n, D) * scale) @ k[:, :, lo:end].swapaxes(-1, -2)
+    s = s.reshape(B, Hkv, G, n, end - lo).astype(mx.float32)
+    rows, keys = mx.arange(start, end)[:, None], mx.arange(lo, end)[None, :]
+    allowed = rows >= keys
+    if window is not None:
+        allowed = allowed & (keys > rows - window)
     if segments is not None:
-        same = segments[:, start:end, None] == segments[:, None, :end]  # (B, n, end)
+        same = segments[:, start:end, None] == segments[:, None, lo:end]  # (B, n, end - lo)
         allowed = allowed & same[:, None, None]
     return mx.where(allowed, s, -mx.inf)
 
 
-def attention_forward(q, k, v, scale: float, rows: int, segments=None):
+def attention_forward(q, k, v, scale: float, rows: int, segments=None, window=None):
     """Returns (output (B, Hq, L, D), log-sum-exp (B, Hq, L) fp32)."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -48,18 +61,19 @@ def attention_forward(q, k, v, scale: float, rows: int, segments=None):
         qb = qg[:, :, :, start:end]
         if outs:  # MLX's scheduler would otherwise run blocks side by side, keeping all their scores
             qb = mx.depends(qb, outs[-1])
-        s = _scores(qb, k, scale, start, end, segments)
-        lse = mx.logsumexp(s, axis=-1)
+        lo = first_key(start, window)
+        s = _scores(qb, k, scale, start, end, segments, window)
+        lse = logsumexp(s)
         p = mx.exp(s - lse[..., None]).astype(v.dtype)
         G, n = p.shape[2], p.shape[3]
-        o = p.reshape(B, Hkv, G * n, end) @ v[:, :, :end]
+        o = p.reshape(B, Hkv, G * n, end - lo) @ v[:, :, lo:end]
         outs.append(o.reshape(B, Hkv, G, n, D))
         lses.append(lse)
     out = mx.concatenate(outs, axis=3).reshape(B, Hq, L, D)
     return out, mx.concatenate(lses, axis=3).reshape(B, Hq, L)
 
 
-def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segments=None):
+def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segments=None, window=None):
     """Gradients (dq, dk, dv) of sum(out * d_out), recomputing probabilities block by block.
 
     All three gradients live in one packed accumulator that each block adds into, and each block
@@ -76,18 +90,18 @@ def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segmen
     kf, vf = k.astype(mx.float32), v.astype(mx.float32)
     acc = mx.zeros((B, Hkv, L, (G + 2) * D), dtype=mx.float32)  # [dq of each group | dk | dv]
     for start, end in _blocks(L, rows):
-        n = end - start
+        n, lo = end - start, first_key(start, window)
         qb, dob = mx.depends([qg[:, :, :, start:end], dog[:, :, :, start:end]], acc)  # one block at a time
-        p = mx.exp(_scores(qb, k, scale, start, end, segments) - lseg[:, :, :, start:end, None])
-        p2 = p.reshape(B, Hkv, G * n, end)
+        p = mx.exp(_scores(qb, k, scale, start, end, segments, window) - lseg[:, :, :, start:end, None])
+        p2 = p.reshape(B, Hkv, G * n, end - lo)
         do2 = dob.reshape(B, Hkv, G * n, D).astype(mx.float32)
         dv = p2.swapaxes(-1, -2) @ do2
-        dp = do2 @ vf[:, :, :end].swapaxes(-1, -2)
-        ds = (p * (dp.reshape(p.shape) - delta[:, :, :, start:end, None])).reshape(B, Hkv, G * n, end)
-        dq = (ds @ kf[:, :, :end]) * scale
+        dp = do2 @ vf[:, :, lo:end].swapaxes(-1, -2)
+        ds = (p * (dp.reshape(p.shape) - delta[:, :, :, start:end, None])).reshape(B, Hkv, G * n, end - lo)
+        dq = (ds @ kf[:, :, lo:end]) * scale
         dk = (ds.swapaxes(-1, -2) @ qb.reshape(B, Hkv, G * n, D).astype(mx.float32)) * scale
         dq = dq.reshape(B, Hkv, G, n, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, n, G * D)
-        pad = [(0, 0), (0, 0), (0, L - end), (0, 0)]
+        pad = [(0, 0), (0, 0), (lo, L - end), (0, 0)]
         block = mx.concatenate(
             [mx.pad(dq, [(0, 0), (0, 0), (start, L - end), (0, 0)]), mx.pad(dk, pad), mx.pad(dv, pad)], axis=-1
         )
@@ -97,34 +111,40 @@ def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segmen
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def efficient_attention(q, k, v, scale: float, block_bytes: int = 64 << 20, segments=None, saved=None):
-    """Causal softmax attention (optionally within segments: packed documents never see each other)
-    with a memory-efficient custom backward. Returns (output, log-sum-exp); gradients flow to q, k, v.
+def efficient_attention(
+    q, k, v, scale: float, block_bytes: int = 64 << 20, segments=None, saved=None, window: int | None = None
+):
+    """Causal softmax attention (optionally within segments: packed documents never see each other;
+    optionally within a sliding window) with a memory-efficient custom backward. Returns (output,
+    log-sum-exp); gradients flow to q, k, v.
 
     `saved`: (output, lse) already computed for these very q, k, v; a recomputation for the
     backward pass then skips the forward.
     """
-    rows = query_block(q.shape[0], q.shape[1], q.shape[2], block_bytes)
+    keys = q.shape[2] if window is None else min(q.shape[2], window + 1024)  # a block reads <= window + rows keys
+    rows = query_block(q.shape[0], q.shape[1], keys, block_bytes)
 
     @mx.custom_function
     def attend(q, k, v):
-        return tuple(saved) if saved is not None else attention_forward(q, k, v, scale, rows, segments)
+        return tuple(saved) if saved is not None else attention_forward(q, k, v, scale, rows, segments, window)
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
         q, k, v = primals
-        return attention_backward(q, k, v, outputs[0], outputs[1], cotangents[0], scale, rows, segments)
+        return attention_backward(q, k, v, outputs[0], outputs[1], cotangents[0], scale, rows, segments, window)
 
     return attend(q, k, v)
 
 
-def naive_attention(q, k, v, scale: float, segments=None):
+def naive_attention(q, k, v, scale: float, segments=None, window=None):
     """The textbook oracle: full L x L scores, for tests and small inputs only."""
     B, Hq, L, D = q.shape
     G = Hq // k.shape[1]
     k, v = mx.repeat(k, G, axis=1), mx.repeat(v, G, axis=1)
     s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
     allowed = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    if window is not None:
+        allowed = allowed & ~mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-window)
     if segments is not None:
         allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     p = mx.softmax(mx.where(allowed, s, -mx.inf), axis=-1).astype(v.dtype)

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_ltc.config import MemoryConfig
 from mlx_ltc.errors import UserError
 from mlx_ltc.train.attention import efficient_attention
-from mlx_ltc.train.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked
+from mlx_ltc.train.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked, token_nll
 
 __all__ = ["SUPPORTED", "StagedStep", "loss_and_grad", "stages", "use_efficient_attention"]
 
@@ -57,7 +57,7 @@ def _attend(attn, x, block_bytes, saved=None):
     """Attention output (before the residual) and the (output, lse) to reuse in a recomputation."""
     B, L, _ = x.shape
     q, k, v = _project(attn, x)
-    o, lse = efficient_attention(q, k, v, attn.scale, block_bytes, saved=saved)
+    o, lse = efficient_attention(q, k, v, attn.scale, block_bytes, saved=saved, window=getattr(attn, "window", None))
     return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1)), (o, lse)
 
 
@@ -207,7 +207,7 @@ class StagedStep:
             chunk = loss_chunk(self.cfg, inputs.shape[0], model.args.vocab_size)
             loss_fn = lambda h: chunked_nll(norm(h), head, targets, weights, chunk)
         else:
-            loss_fn = lambda h: (nn.losses.cross_entropy(head(norm(h)).astype(mx.float32), targets) * weights).sum()
+            loss_fn = lambda h: (token_nll(head(norm(h)).astype(mx.float32), targets) * weights).sum()
         loss, g = mx.value_and_grad(loss_fn)(h)
         del h
         self._eval(loss, g)

@@ -8,9 +8,10 @@ forward and backward (a custom VJP recomputes each chunk's logits), one chunk al
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
-__all__ = ["chunked_nll", "head_of", "next_token_targets", "nll_sum", "nll_sum_chunked"]
+from mlx_ltc.train.reductions import logsumexp
+
+__all__ = ["chunked_nll", "head_of", "next_token_targets", "nll_sum", "nll_sum_chunked", "token_nll"]
 
 
 def next_token_targets(tokens: mx.array, lengths: mx.array):
@@ -27,6 +28,12 @@ def head_of(model):
     return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
 
 
+def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy per position, (..., V) fp32 logits -> (...): logsumexp minus the target's logit."""
+    picked = mx.take_along_axis(logits, mx.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return logsumexp(logits) - picked
+
+
 def nll_sum(model, tokens: mx.array, lengths: mx.array):
     """Weighted sum of next-token NLL and the summed weight (full logits: the stock path).
 
@@ -34,7 +41,7 @@ def nll_sum(model, tokens: mx.array, lengths: mx.array):
     """
     inputs, targets, weights = next_token_targets(tokens, lengths)
     logits = model(inputs).astype(mx.float32)
-    return (nn.losses.cross_entropy(logits, targets) * weights).sum(), weights.sum()
+    return (token_nll(logits, targets) * weights).sum(), weights.sum()
 
 
 def nll_sum_chunked(model, tokens: mx.array, lengths: mx.array, chunk: int = 512):
@@ -64,8 +71,7 @@ def chunked_nll(hidden: mx.array, head, targets: mx.array, weights: mx.array, ch
         total = mx.array(0.0)
         for s, e in spans:
             logits = logits_of(mx.depends(hidden[:, s:e], total))
-            picked = mx.take_along_axis(logits, targets[:, s:e, None], axis=-1)[..., 0]
-            total = total + ((mx.logsumexp(logits, axis=-1) - picked) * weights[:, s:e]).sum()
+            total = total + (token_nll(logits, targets[:, s:e]) * weights[:, s:e]).sum()
         return total
 
     @nll.vjp
@@ -76,7 +82,8 @@ def chunked_nll(hidden: mx.array, head, targets: mx.array, weights: mx.array, ch
             h = hidden[:, s:e] if not grads else mx.depends(hidden[:, s:e], grads[-1])
             logits = logits_of(h)
             one_hot = mx.arange(logits.shape[-1]) == targets[:, s:e, None]
-            d_logits = (mx.softmax(logits, axis=-1) - one_hot) * (weights[:, s:e, None] * cotangent)
+            probs = mx.exp(logits - logsumexp(logits)[..., None])
+            d_logits = (probs - one_hot) * (weights[:, s:e, None] * cotangent)
             grads.append(mx.vjp(head, [h], [d_logits.astype(h.dtype)])[1][0])
         return mx.concatenate(grads, axis=1)
 

@@ -1,0 +1,92 @@
+"""The one seam between the pipeline and the array library that computes it.
+
+`run.run_train` (and later `eval`) talk to a Backend only: load a model, measure perplexity, add
+LoRA, train, save adapters. `mlx` is the product; `torch` (mlx_ltc.reference.backend) is the
+independent reference, so the whole tool can run, and its loss curves be compared, without MLX
+doing the numbers.
+"""
+
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mlx_ltc.config import Config
+from mlx_ltc.errors import UserError
+
+NAMES = ("mlx", "torch")
+
+
+def lora_a_init(name: str, input_dims: int, rank: int, seed: int) -> np.ndarray:
+    """The initial LoRA A of adapter `name` (e.g. model.layers.3.self_attn.q_proj): mlx-lm's
+    convention, U(-1/sqrt(in), 1/sqrt(in)), drawn from numpy so both backends start identically."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    bound = 1 / np.sqrt(input_dims)
+    return rng.uniform(-bound, bound, size=(input_dims, rank)).astype(np.float32)
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, model_dir: Path, cfg: Config, log): ...  # -> models.LoadedModel
+
+    def perplexity(self, model, split, batch_size: int, desc: str, progress: bool): ...  # -> eval.Perplexity
+
+    def apply_lora(self, model, cfg: Config) -> dict: ...  # -> mlx-lm adapter_config
+
+    def train(self, model, split, cfg: Config, metrics_path: Path, progress: bool): ...  # -> train.TrainResult
+
+    def save_adapters(self, model, adapter_dir: Path, adapter_config: dict) -> None: ...
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def load(self, model_dir, cfg, log):
+        from mlx_ltc import models, train
+
+        loaded = models.load(model_dir, cfg.model.dequantize)
+        if not train.engine.supports(loaded.model) and (cfg.memory.attention == "efficient" or cfg.memory.staged):
+            kind = loaded.config.get("model_type")
+            log(f"memory: the engine does not support {kind!r} models; using MLX's attention")
+            cfg.memory.attention, cfg.memory.staged = "stock", False
+        if cfg.memory.attention == "efficient":  # base and adapted evals then use the training attention
+            train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
+        return loaded
+
+    def perplexity(self, model, split, batch_size, desc, progress):
+        from mlx_ltc.eval import perplexity
+
+        return perplexity(model, split, batch_size, desc=desc, progress=progress)
+
+    def apply_lora(self, model, cfg):
+        from mlx_ltc import train
+
+        return train.apply_lora(model, cfg.lora, seed=cfg.train.seed)
+
+    def train(self, model, split, cfg, metrics_path, progress):
+        from mlx_ltc import train
+
+        return train.train(model, split, cfg.train, metrics_path, progress=progress, memory=cfg.memory)
+
+    def save_adapters(self, model, adapter_dir, adapter_config):
+        from mlx_ltc import train
+
+        train.save_adapters(model, adapter_dir, adapter_config)
+
+
+def get(name: str) -> Backend:
+    if name == "mlx":
+        return MLXBackend()
+    if name == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--backend torch needs PyTorch: pip install 'mlx-ltc[reference]' (or scripts/setup.sh --dev)"
+            ) from None
+        from mlx_ltc.reference.backend import TorchBackend
+
+        return TorchBackend()
+    raise UserError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")

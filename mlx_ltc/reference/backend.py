@@ -1,0 +1,159 @@
+"""`--backend torch`: the train pipeline on torch CPU, for small models.
+
+The same dataset, batches (order included), LoRA layers and names, loss weights, schedule, clipping
+and report as the MLX backend; the model is transformers' own class with the same weights
+(`reference.model`), the optimizer torch.optim.AdamW. No memory engine: plain autograd, so this is
+for models and lengths that fit as they are. Adapters are written in mlx-lm's format.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlx_ltc import atomic
+from mlx_ltc.errors import UserError
+from mlx_ltc.reference import lora, ops, optim
+from mlx_ltc.reference import model as reference_model
+
+
+class TorchBackend:
+    name = "torch"
+
+    def load(self, model_dir, cfg, log):
+        from mlx_ltc import models
+
+        log("backend: torch (transformers' model classes on CPU, float32; no memory engine)")
+        model = reference_model.load(model_dir, torch.float32)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return models.LoadedModel(
+            model=model,
+            tokenizer=models.load_tokenizer(model_dir),
+            model_dir=Path(model_dir),
+            config=config,
+            dequantized=True,
+            dtype="float32",
+            fixes=[],
+        )
+
+    def perplexity(self, model, split, batch_size, desc, progress):
+        from tqdm import tqdm
+
+        from mlx_ltc.eval import Perplexity
+
+        if len(split) == 0:
+            raise UserError(f"{desc}: the split is empty")
+        model.eval()
+        total, count = 0.0, 0.0
+        starts = range(0, len(split), batch_size)
+        with torch.no_grad():
+            for s in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+                tokens = torch.from_numpy(split.tokens[s : s + batch_size]).long()
+                real = torch.from_numpy(split.real[s : s + batch_size].astype(np.float32))
+                nll, n = ops.next_token_nll(model, tokens, real)
+                total += nll.item()
+                count += n.item()
+        loss = total / count
+        return Perplexity(loss=loss, ppl=math.exp(loss), tokens=int(count))
+
+    def apply_lora(self, model, cfg):
+        c = cfg.lora
+        rank = c.rank or 8
+        names = lora.apply(model, c.targets, rank, c.scale, c.layers, c.dropout, seed=cfg.train.seed)
+        if not names:
+            raise UserError(f"lora.targets {c.targets} match no linear layer of this model")
+        blocks = len(model.model.layers)
+        keys = sorted({n.split(".", 3)[3] for n in names})
+        return {
+            "fine_tune_type": "lora",
+            "num_layers": blocks if c.layers < 0 else min(c.layers, blocks),
+            "lora_parameters": {"rank": rank, "scale": c.scale, "dropout": c.dropout, "keys": keys},
+        }
+
+    def train(self, model, split, cfg, metrics_path, progress):
+        from tqdm import tqdm
+
+        from mlx_ltc.train import TrainResult, endless_indices
+
+        t = cfg.train
+        if len(split) == 0:
+            raise UserError("the training split is empty")
+        batch_size = t.batch_size or 1
+        steps = t.max_steps or max(1, math.ceil(t.epochs * len(split) / (batch_size * t.grad_accum)))
+        params = list(lora.adapter_state(model).values())
+        for p in params:
+            p.requires_grad_(True)
+        opt = optim.adamw(params, t.weight_decay)
+        stream = endless_indices(len(split), batch_size, t.seed)
+        torch.manual_seed(t.seed)  # LoRA dropout
+        model.train()
+        seen, loss, start = 0, float("nan"), time.perf_counter()
+        bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+        with open(metrics_path, "w", encoding="utf-8") as metrics:
+            for step in range(1, steps + 1):
+                opt.zero_grad()
+                micro = [next(stream) for _ in range(t.grad_accum)]
+                weight = sum(float(split.weights[idx].sum()) for idx in micro)
+                total = 0.0
+                for idx in micro:  # token-weighted: the mean over all micro-batches' targets
+                    tokens = torch.from_numpy(split.tokens[idx]).long()
+                    w = torch.from_numpy(split.weights[idx])
+                    nll, _ = ops.next_token_nll(model, tokens, w)
+                    (nll / weight).backward()
+                    total += nll.item()
+                    seen += int(split.real[idx].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+                lr = optim.lr_at(step - 1, t.lr, t.warmup_steps, t.min_lr_ratio, steps)
+                optim.set_lr(opt, lr)
+                opt.step()
+                loss = total / weight
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
+                elapsed = time.perf_counter() - start
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": seen,
+                    "tokens_per_s": seen / elapsed,
+                    "peak_memory_gb": _peak_rss_gb(),
+                    "elapsed_s": elapsed,
+                }
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if progress and bar.disable and (step % max(1, steps // 20) == 0 or step == steps):
+                    print(f"train: step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+        bar.close()
+        wall = time.perf_counter() - start
+        return TrainResult(
+            steps=steps,
+            tokens=seen,
+            wall_s=wall,
+            tokens_per_s=seen / wall,
+            peak_memory_gb=_peak_rss_gb(),
+            final_loss=loss,
+            trainable_params=sum(p.numel() for p in params),
+        )
+
+    def save_adapters(self, model, adapter_dir, adapter_config):
+        from safetensors.torch import save_file
+
+        adapter_dir = Path(adapter_dir)
+        weights = {n: p.detach().float().contiguous() for n, p in lora.adapter_state(model).items()}
+        with atomic.atomic_path(adapter_dir / "adapters.safetensors") as tmp:
+            save_file(weights, str(tmp))
+        atomic.write_json(adapter_dir / "adapter_config.json", adapter_config)
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
