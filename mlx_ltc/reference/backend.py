@@ -9,7 +9,6 @@ for models and lengths that fit as they are. Adapters are written in mlx-lm's fo
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +74,7 @@ class TorchBackend:
         }
 
     def train(self, model, split, cfg, metrics_path, progress):
-        from tqdm import tqdm
-
-        from mlx_ltc.train import TrainResult, endless_indices
+        from mlx_ltc.train import StepLog, endless_indices
 
         t = cfg.train
         if len(split) == 0:
@@ -91,56 +88,24 @@ class TorchBackend:
         stream = endless_indices(len(split), batch_size, t.seed)
         torch.manual_seed(t.seed)  # LoRA dropout
         model.train()
-        seen, loss, start = 0, float("nan"), time.perf_counter()
-        bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
-        with open(metrics_path, "w", encoding="utf-8") as metrics:
+        with StepLog(metrics_path, steps, progress, _peak_rss_gb) as log:
             for step in range(1, steps + 1):
                 opt.zero_grad()
                 micro = [next(stream) for _ in range(t.grad_accum)]
                 weight = sum(float(split.weights[idx].sum()) for idx in micro)
                 total = 0.0
                 for idx in micro:  # token-weighted: the mean over all micro-batches' targets
-                    tokens = torch.from_numpy(split.tokens[idx]).long()
-                    w = torch.from_numpy(split.weights[idx])
-                    nll, _ = ops.next_token_nll(model, tokens, w)
+                    nll, _ = ops.next_token_nll(
+                        model, torch.from_numpy(split.tokens[idx]).long(), torch.from_numpy(split.weights[idx])
+                    )
                     (nll / weight).backward()
                     total += nll.item()
-                    seen += int(split.real[idx].sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
                 lr = optim.lr_at(step - 1, t.lr, t.warmup_steps, t.min_lr_ratio, steps)
                 optim.set_lr(opt, lr)
                 opt.step()
-                loss = total / weight
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
-                elapsed = time.perf_counter() - start
-                row = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": seen,
-                    "tokens_per_s": seen / elapsed,
-                    "peak_memory_gb": _peak_rss_gb(),
-                    "elapsed_s": elapsed,
-                }
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                bar.update(1)
-                if progress and bar.disable and (step % max(1, steps // 20) == 0 or step == steps):
-                    print(f"train: step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
-        bar.close()
-        wall = time.perf_counter() - start
-        return TrainResult(
-            steps=steps,
-            tokens=seen,
-            wall_s=wall,
-            tokens_per_s=seen / wall,
-            peak_memory_gb=_peak_rss_gb(),
-            final_loss=loss,
-            trainable_params=sum(p.numel() for p in params),
-        )
+                log.step(step, total / weight, lr, grad_norm, sum(int(split.real[idx].sum()) for idx in micro))
+        return log.result(sum(p.numel() for p in params))
 
     def save_adapters(self, model, adapter_dir, adapter_config):
         from safetensors.torch import save_file

@@ -91,13 +91,15 @@ def code_batches(tokenizer, source: Path, count: int, batch_size: int, seq_len: 
     files = sorted(p for p in Path(source).rglob("*.py") if p.is_file())
     if not files:
         raise UserError(f"compare: no Python files under {source} to make batches from")
+    need = count * batch_size * seq_len
     ids, weights = [], []
     for i, path in enumerate(files):
+        if len(ids) >= need:  # enough text: don't tokenize a whole large repository
+            break
         doc = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
         doc.append(tokenizer.eos_token_id)
         ids.extend(doc)
         weights.extend([1.0 if i % 2 == 0 else 0.5] * len(doc))
-    need = count * batch_size * seq_len
     reps = math.ceil(need / len(ids))
     ids, weights = np.array(ids * reps)[:need], np.array(weights * reps, dtype=np.float32)[:need]
     tokens = ids.reshape(count, batch_size, seq_len).astype(np.int32)

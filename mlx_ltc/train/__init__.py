@@ -151,6 +151,68 @@ def accumulate_gradients(loss_and_grad, model, micro_batches):
     return tree_map(lambda g: g / weight, grads), loss_sum, weight, tokens
 
 
+class StepLog:
+    """What every backend records per optimizer step: a `metrics.jsonl` line, the progress bar (plain
+    lines without a terminal), and the divergence check; `result` is the run's TrainResult."""
+
+    def __init__(self, path: Path, steps: int, progress: bool, peak_memory_gb):
+        from tqdm import tqdm
+
+        self.path, self.steps, self.progress, self.peak = Path(path), steps, progress, peak_memory_gb
+        self.bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+        self.tokens, self.loss, self.start = 0, float("nan"), time.perf_counter()
+
+    def __enter__(self):
+        self.file = open(self.path, "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.bar.close()
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int) -> None:
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
+        self.tokens += tokens
+        self.loss = loss
+        elapsed = time.perf_counter() - self.start
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / elapsed,
+            "peak_memory_gb": self.peak(),
+            "elapsed_s": elapsed,
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(
+            loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_memory_gb']:.2f}GB"
+        )
+        self.bar.update(1)
+        if self.progress and self.bar.disable and (step % max(1, self.steps // 20) == 0 or step == self.steps):
+            print(
+                f"train: step {step}/{self.steps} loss {loss:.4f} {row['tokens_per_s']:.0f} tok/s "
+                f"peak {row['peak_memory_gb']:.2f} GB {elapsed:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def result(self, trainable_params: int) -> TrainResult:
+        wall = time.perf_counter() - self.start
+        return TrainResult(
+            steps=self.steps,
+            tokens=self.tokens,
+            wall_s=wall,
+            tokens_per_s=self.tokens / wall,
+            peak_memory_gb=self.peak(),
+            final_loss=self.loss,
+            trainable_params=trainable_params,
+        )
+
+
 @dataclass
 class StepStats:
     loss: float  # weighted mean NLL of the update's micro-batches
@@ -193,7 +255,6 @@ def train(
 ) -> TrainResult:
     if len(split) == 0:
         raise UserError("the training split is empty")
-    from tqdm import tqdm
 
     batch_size = cfg.batch_size or 1  # run_train fills it from the memory profile
     per_update = batch_size * cfg.grad_accum
@@ -210,50 +271,8 @@ def train(
     model.train()
     hardware.reset_peak_memory()
     n_trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
-    seen_tokens, loss = 0, float("nan")
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
-    with open(metrics_path, "w", encoding="utf-8") as metrics:
+    with StepLog(metrics_path, steps, progress, hardware.peak_memory_gb) as log:
         for step in range(1, steps + 1):
             stats = update(next(stream) for _ in range(cfg.grad_accum))
-            seen_tokens += stats.tokens
-            loss = stats.loss
-            elapsed = time.perf_counter() - start
-            row = {
-                "step": step,
-                "loss": loss,
-                "lr": stats.lr,
-                "grad_norm": stats.grad_norm,
-                "tokens": seen_tokens,
-                "tokens_per_s": seen_tokens / elapsed,
-                "peak_memory_gb": hardware.peak_memory_gb(),
-                "elapsed_s": elapsed,
-            }
-            if not math.isfinite(loss):
-                raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            bar.set_postfix(
-                loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_memory_gb']:.2f}GB"
-            )
-            bar.update(1)
-            if (
-                progress and bar.disable and (step % max(1, steps // 20) == 0 or step == steps)
-            ):  # no terminal: plain lines
-                print(
-                    f"train: step {step}/{steps} loss {loss:.4f} {row['tokens_per_s']:.0f} tok/s "
-                    f"peak {row['peak_memory_gb']:.2f} GB {elapsed:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    bar.close()
-    wall = time.perf_counter() - start
-    return TrainResult(
-        steps=steps,
-        tokens=seen_tokens,
-        wall_s=wall,
-        tokens_per_s=seen_tokens / wall,
-        peak_memory_gb=hardware.peak_memory_gb(),
-        final_loss=loss,
-        trainable_params=n_trainable,
-    )
+            log.step(step, stats.loss, stats.lr, stats.grad_norm, stats.tokens)
+    return log.result(n_trainable)
