@@ -35,7 +35,8 @@ class Backend(Protocol):
 
     def apply_lora(self, model, cfg: Config) -> dict: ...  # -> mlx-lm adapter_config
 
-    def train(self, model, split, cfg: Config, metrics_path: Path, progress: bool): ...  # -> train.TrainResult
+    # -> train.TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints
+    def train(self, model, split, val, cfg: Config, run_dir: Path, progress: bool, resume=False, max_steps=None): ...
 
     def save_adapters(self, model, adapter_dir: Path, adapter_config: dict) -> None: ...
 
@@ -65,10 +66,16 @@ class MLXBackend:
 
         return train.apply_lora(model, cfg.lora, seed=cfg.train.seed)
 
-    def train(self, model, split, cfg, metrics_path, progress):
-        from mlx_ltc import train
+    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
+        from mlx_ltc.train import phases
+        from mlx_ltc.train.trainer import Trainer
 
-        return train.train(model, split, cfg.train, metrics_path, progress=progress, memory=cfg.memory)
+        trainer = Trainer(model, split, val, cfg, run_dir, progress=progress)
+        if resume:
+            trainer.resume(max_steps)
+        else:
+            trainer.start(phases.total_steps(cfg, len(split)))
+        return trainer.run()
 
     def save_adapters(self, model, adapter_dir, adapter_config):
         from mlx_ltc import train

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mlx_ltc import __version__
-from mlx_ltc.errors import UserError
+from mlx_ltc.errors import Interrupted, UserError
 
 
 class _Group(click.Group):
@@ -18,6 +18,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            ctx.exit(130)
         except OSError as e:  # a path we were given can't be written or read (permissions, missing parent, full disk)
             where = f": {e.filename}" if e.filename else ""
             raise click.ClickException(f"{e.strerror or e}{where}") from None
@@ -72,16 +75,36 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None,
               help="mlx (default) or torch: the reference implementation, for small models.")  # fmt: skip
+@click.option("--save-every", type=int, default=None, help="Checkpoint every K optimizer steps [default: phase ends].")
+@click.option("--report-to", type=click.Choice(["none", "wandb"]), default=None, help="Also log metrics to wandb.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the interrupted run in this directory from its last checkpoint.")  # fmt: skip
 @_memory_options
-def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend, **memory):
-    """Build a dataset from REPO, train LoRA adapters, report validation perplexity before/after."""
+def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend,
+              save_every, report_to, resume, **memory):  # fmt: skip
+    """Build a dataset from REPO, train LoRA adapters, report validation perplexity before/after.
+
+    Training runs in phases of growing sequence length, steered by the orchestrator; checkpoints make
+    it resumable with --resume RUN_DIR (--max-steps then moves the run's end).
+    """
     from mlx_ltc import config, run
 
+    ctx = click.get_current_context()
+    if resume is not None:
+        given = [p.name for p in ctx.command.params if p.name not in ("resume", "max_steps", "quiet")
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+        if given:
+            raise UserError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
+        report = run.resume_train(resume, max_steps, progress=not quiet)
+        click.echo(run.summary(report), nl=False)
+        return
     flags = {
         "model": {"name": model, "bits": bits, "group_size": group_size},
         "data": {"seq_len": seq_len},
         "train": {"max_steps": max_steps, "backend": backend},
         "memory": _memory_flags(**memory),
+        "checkpoint": {"save_every": save_every},
+        "orchestrator": {"report_to": report_to},
     }
     overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
     cfg = config.build(config_file, overrides)

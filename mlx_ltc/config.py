@@ -80,12 +80,66 @@ class MemoryConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Phases of growing sequence length. The lists are a template for n phases (n from `phases`, or the
+    analysis' derived constant when 0): the last n lengths, shares and bands, the first n LR multipliers."""
+
+    phases: int = 0  # 0: derived by `analyze` (1-3, fewer for small repos)
+    lengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # of data.seq_len
+    lr_mults: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.1])
+    shares: list[float] = field(default_factory=lambda: [0.4, 0.35, 0.25])  # of the run's optimizer updates
+    bands: list[float] = field(default_factory=lambda: [0.6, 0.85, 1.0])  # easiest share of sequences (difficulty)
+
+
+@dataclass
+class OrchestratorConfig:
+    """Rules applied at each validation eval (mlx_ltc/train/orchestrator.py)."""
+
+    eval_every: int = 0  # optimizer steps between evals; 0: ~8 per phase
+    eval_sequences: int = 8  # full-length val sequences per eval (cut to the phase's length)
+    smoothing: float = 0.5  # EMA weight of the newest val loss
+    converge_evals: int = 3  # advance when the smoothed val loss improved < converge_tol over this many evals
+    converge_tol: float = 0.01
+    min_phase_share: float = 0.25  # no convergence decision before this share of the phase's budget is spent
+    context_tol: float = 0.01  # the window's last quarter must be this much (relative) below its second quarter
+    plateau_evals: int = 3  # evals without a new best before the LR is reduced
+    lr_factor: float = 0.5
+    cooldown_evals: int = 2
+    min_lr_factor: float = 0.0625
+    diverge_rise: float = 0.05  # smoothed val this far above the phase's best: reduce the LR
+    overfit_gap: float = 0.15  # train this far below val, with val rising twice: overfitting
+    overfit_action: str = "stop"  # stop | regularize (restore the best, halve the LR, double weight decay)
+    report_to: str = "none"  # none | wandb
+
+
+@dataclass
+class StabilityConfig:
+    spike_factor: float = 2.0  # a loss above this times the running median is a spike
+    spike_window: int = 20  # steps in the running median
+    spike_limit: int = 3  # spikes in a row: roll back to the last good checkpoint and lower the LR
+    nan_limit: int = 3  # skipped non-finite updates in a row before a rollback
+    max_rollbacks: int = 5  # then the run stops with an error
+    inject_nan: list[int] = field(default_factory=list)  # fault injection: update attempts whose gradients are NaN
+    inject_spike: list[int] = field(default_factory=list)  # attempts whose loss and gradients are scaled by 8
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # optimizer steps; 0: only at phase ends, new bests, Ctrl-C and the end
+    keep_last: int = 3  # plus the best of the current phase
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +153,8 @@ _CHOICES = {
     "memory.loss": ("chunked", "full"),
     "data.split_by": ("file", "directory"),
     "train.backend": ("mlx", "torch"),
+    "orchestrator.overfit_action": ("stop", "regularize"),
+    "orchestrator.report_to": ("none", "wandb"),
 }
 _POSITIVE = {
     "data.seq_len",
@@ -111,6 +167,13 @@ _POSITIVE = {
     "train.eval_batch_size",
     "train.max_steps",
     "memory.block_mb",
+    "orchestrator.eval_sequences",
+    "orchestrator.converge_evals",
+    "orchestrator.plateau_evals",
+    "stability.spike_window",
+    "stability.spike_limit",
+    "stability.nan_limit",
+    "checkpoint.keep_last",
 }
 
 
@@ -121,10 +184,15 @@ def _check_type(key, value, hint):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is list:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise UserError(f"config: {key} must be a list of strings, got {value!r}")
+    if hint is list or typing.get_origin(hint) is list:
+        item = (typing.get_args(hint) or (str,))[0]
+        if isinstance(value, list):
+            try:
+                return [_check_type(key, v, item) for v in value]
+            except UserError:
+                pass
+        kind = {str: "strings", float: "numbers", int: "integers"}[item]
+        raise UserError(f"config: {key} must be a list of {kind}, got {value!r}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -181,6 +249,16 @@ def validate(config: Config) -> None:
         raise UserError("config: data.weight_* must be 0 or more")
     if config.train.lr <= 0 or config.train.epochs <= 0:
         raise UserError("config: train.lr and train.epochs must be positive")
+    c = config.curriculum
+    if min(len(c.lengths), len(c.lr_mults), len(c.shares), len(c.bands)) < max(c.phases, 1) or c.phases < 0:
+        raise UserError("config: curriculum.lengths, lr_mults, shares and bands need an entry for each phase")
+    if not all(0 < x <= 1 for x in c.lengths + c.bands) or min(c.lr_mults + c.shares) <= 0:
+        raise UserError("config: curriculum.lengths and bands must be in (0, 1], lr_mults and shares positive")
+    o, st = config.orchestrator, config.stability
+    if not (0 < o.smoothing <= 1 and 0 < o.lr_factor < 1 and 0 < o.min_lr_factor <= 1) or o.eval_every < 0:
+        raise UserError("config: orchestrator.smoothing and min_lr_factor must be in (0, 1], lr_factor in (0, 1)")
+    if st.spike_factor <= 1 or config.checkpoint.save_every < 0:
+        raise UserError("config: stability.spike_factor must be above 1 and checkpoint.save_every 0 or more")
     if not config.lora.targets:
         raise UserError("config: lora.targets must name at least one module")
 

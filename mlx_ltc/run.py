@@ -4,6 +4,7 @@ The run directory is written as it goes; `COMPLETE` is written last, so a direct
 never mistaken for a finished run.
 """
 
+import json
 import shutil
 import sys
 import time
@@ -16,6 +17,7 @@ from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
 
 COMPLETE = "COMPLETE"
+BASE_EVAL = "base_eval.json"
 
 
 def _log(msg):
@@ -106,6 +108,10 @@ def run_train(
     out = Path(out)
     replace = check_out_dir(out, overwrite)
     scan = data.scan(repo, cfg.data.max_file_bytes)  # cheap input errors before any model work
+    if cfg.orchestrator.report_to == "wandb":
+        from mlx_ltc.train.trainer import require_wandb
+
+        require_wandb()
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
     compute_with = backend.get(cfg.train.backend)
     _log(f"model: resolving {cfg.model.name}")
@@ -118,7 +124,12 @@ def run_train(
     source = apply_profile(cfg, profile)
     if cfg.lora.rank is None:
         cfg.lora.rank = constants["lora_rank"]["value"]
-    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank} ({source})")
+    if not cfg.curriculum.phases:
+        cfg.curriculum.phases = constants["phases"]["value"]
+    _log(
+        f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank}, "
+        f"{cfg.curriculum.phases} phase(s) ({source})"
+    )
     if meta["splits"]["train"]["sequences"] == 0 or meta["splits"]["val"]["sequences"] == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(
@@ -136,7 +147,6 @@ def run_train(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     staging.rename(out / "data")
-    train_split, val_split = data.load_split(out / "data", "train"), data.load_split(out / "data", "val")
     atomic.write_json(
         out / "config.json",
         {
@@ -150,31 +160,68 @@ def run_train(
     )
 
     _log("eval: base model")
+    val_split = data.load_split(out / "data", "val")
     base = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval base", progress)
     _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
+    atomic.write_json(out / BASE_EVAL, asdict(base))
+    return _train_and_report(cfg, compute_with, loaded, out, progress, started)
+
+
+def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> dict:
+    """`mlx-ltc train --resume RUN_DIR`: continue an interrupted run from its newest whole checkpoint."""
+    from mlx_ltc import config
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not an mlx-ltc run directory (no config.json)")
+    if (run_dir / COMPLETE).exists():
+        raise UserError(f"--resume {run_dir}: the run is already complete")
+    if not (run_dir / BASE_EVAL).is_file() or not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"--resume {run_dir}: the run stopped before training began; start it again")
+    info = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = config.build(None, info["config"])
+    compute_with = backend.get(cfg.train.backend)
+    if compute_with.name != "mlx":
+        raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
+    cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
+    model_dir = Path(info["model_dir"])
+    if not model_dir.is_dir():
+        model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    loaded = compute_with.load(model_dir, cfg, _log)
+    return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, resume=True, max_steps=max_steps)
+
+
+def _train_and_report(cfg, compute_with, loaded, out, progress, started, resume=False, max_steps=None) -> dict:
+    info = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    meta = data.load_metadata(out / "data")
+    if meta["tokenizer_hash"] != data.tokenizer_hash(loaded.tokenizer):
+        raise UserError(f"{out / 'data'} was built with another tokenizer than {cfg.model.name}'s")
+    base = json.loads((out / BASE_EVAL).read_text(encoding="utf-8"))
+    train_split, val_split = data.load_split(out / "data", "train"), data.load_split(out / "data", "val")
     adapter_config = compute_with.apply_lora(loaded.model, cfg)
     adapter_config.update(
         {
             "model": cfg.model.name,
-            "base_model_dir": str(model_dir),
+            "base_model_dir": info["model_dir"],
             "seq_len": cfg.data.seq_len,
             "tokenizer_hash": meta["tokenizer_hash"],
         }
     )
-    result = compute_with.train(loaded.model, train_split, cfg, out / "metrics.jsonl", progress)
+    result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps)
     compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
     adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)
 
     def ppl(p):
-        return {"val_loss": p.loss, "val_ppl": p.ppl, "val_tokens": p.tokens}
+        return {"val_loss": p["loss"], "val_ppl": p["ppl"], "val_tokens": p["tokens"]}
 
     report = {
         "mlx_ltc_version": __version__,
         "model": cfg.model.name,
-        "model_dir": str(model_dir),
+        "model_dir": info["model_dir"],
         "adapter_dir": str(out / "adapters"),
-        "repo": str(scan.root),
-        "compute": compute,
+        "repo": info["repo"],
+        "compute": info["compute"],
         "data": {
             "seq_len": meta["seq_len"],
             "sequences": {k: v["sequences"] for k, v in meta["splits"].items()},
@@ -183,9 +230,10 @@ def run_train(
             "files": {k: len(v) for k, v in meta["files_by_split"].items()},
         },
         "base": ppl(base),
-        "adapted": ppl(adapted),
+        "adapted": ppl(asdict(adapted)),
         "train": asdict(result),
         "wall_s": time.perf_counter() - started,
+        "resumed": resume,
     }
     atomic.write_json(out / "report.json", report)
     atomic.write_text(out / "summary.txt", summary(report))
@@ -204,6 +252,7 @@ def summary(report: dict) -> str:
         f"over {a['val_tokens']:,} tokens\n"
         f"  training: {t['steps']} steps, {t['tokens']:,} tokens in {minutes}m{seconds:02d}s "
         f"({t['tokens_per_s']:.0f} tokens/s), peak memory {t['peak_memory_gb']:.2f} GB\n"
-        f"  adapters: {report['adapter_dir']}\n"
+        + (f"  run ended: {t['curriculum']['stopped']}\n" + t["curriculum"]["tables"] if t.get("curriculum") else "")
+        + f"  adapters: {report['adapter_dir']}\n"
         f"  try: mlx_lm.generate --model {report['model_dir']} --adapter-path {report['adapter_dir']} --prompt '...'\n"
     )

@@ -49,7 +49,9 @@ def test_train_writes_a_complete_run(tiny_run):
     assert derived["inputs"]["seq_len"] == 64  # --seq-len feeds the other constants
     assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == derived["value"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 7)) and all("loss" in m for m in metrics)
+    steps = report["train"]["steps"]  # 6, or fewer when the orchestrator saw convergence
+    assert 1 < steps <= 6 and [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert all("loss" in m for m in metrics)
     meta = json.loads((out / "data" / "metadata.json").read_text())
     train_files = set(meta["files_by_split"]["train"])
     assert train_files and not train_files & set(meta["files_by_split"]["val"])

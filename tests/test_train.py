@@ -6,10 +6,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_ltc import models, train
-from mlx_ltc.config import LoraConfig, TrainConfig
+from mlx_ltc.config import Config, LoraConfig, TrainConfig
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
+from mlx_ltc.train import phases
 from mlx_ltc.train.loss import nll_sum
+from mlx_ltc.train.trainer import Trainer
 
 
 def fresh_tiny(tiny_dir, lora=True, **lora_kw):
@@ -25,6 +27,15 @@ def random_windows(n, length, seed=0, short_last=None):
     if short_last:
         rows[-1] = rows[-1][:short_last]
     return Split.from_rows(rows)
+
+
+def run_training(model, split, run_dir, val=None, n_phases=1, **train_kw):
+    """The product's loop on a bare split: no early stop, evals on `val` (default: the split)."""
+    cfg = Config(train=TrainConfig(**train_kw))
+    cfg.data.seq_len, cfg.curriculum.phases, cfg.orchestrator.converge_tol = split.tokens.shape[1], n_phases, 0.0
+    trainer = Trainer(model, split, val or split, cfg, run_dir, log=lambda msg: None, progress=False)
+    trainer.start(phases.total_steps(cfg, len(split)))
+    return trainer.run()
 
 
 def test_padding_never_counts(tiny_dir):
@@ -62,8 +73,8 @@ def test_fresh_lora_is_the_base_model_and_only_lora_trains(tiny_dir):
 
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
-    lr = train.lr_schedule(cfg, total_steps=20)
-    values = [lr(mx.array(s)).item() for s in range(20)]
+    lr = phases.lr_schedule(cfg, total_steps=20)
+    values = [lr(s) for s in range(20)]
     assert values[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert values[4] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
@@ -134,8 +145,7 @@ def test_training_lowers_loss_and_logs_every_step(tiny_dir, tmp_path):
     windows = random_windows(2, 65)
     loaded = fresh_tiny(tiny_dir, rank=8, scale=4.0)
     before = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.tokens)
-    cfg = TrainConfig(max_steps=30, batch_size=2, lr=3e-3, warmup_steps=2)
-    result = train.train(loaded.model, windows, cfg, tmp_path / "metrics.jsonl", progress=False)
+    result = run_training(loaded.model, windows, tmp_path, max_steps=30, batch_size=2, lr=3e-3, warmup_steps=2)
     after = sum(nll_sum(loaded.model, mx.array(r)[None], mx.array([65]))[0].item() for r in windows.tokens)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -148,9 +158,7 @@ def test_adapters_load_in_mlx_lm_and_reproduce_our_outputs(tiny_dir, tmp_path):
     from mlx_lm.utils import load
 
     loaded = fresh_tiny(tiny_dir, rank=4)
-    train.train(
-        loaded.model, random_windows(2, 33), TrainConfig(max_steps=3, lr=1e-2), tmp_path / "m.jsonl", progress=False
-    )
+    run_training(loaded.model, random_windows(2, 33), tmp_path, max_steps=3, lr=1e-2)
     train.save_adapters(loaded.model, tmp_path / "adapters", loaded.adapter_config)
     theirs, _ = load(str(tiny_dir), adapter_path=str(tmp_path / "adapters"))
     ids = mx.array([[5, 600, 7000, 80, 9, 10, 11]])

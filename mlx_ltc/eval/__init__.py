@@ -4,10 +4,11 @@ import math
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.loss import nll_sum_chunked
+from mlx_ltc.train.loss import head_of, nll_sum_chunked, token_nll
 
 
 @dataclass
@@ -38,6 +39,25 @@ def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", pro
         count += n.item()
     loss = total / count
     return Perplexity(loss=loss, ppl=math.exp(loss), tokens=int(count))
+
+
+def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128):
+    """(loss, NLL summed per position (L-1,), real targets per position (L-1,)) over the split's real
+    targets; position i predicts token i+1. Never holds more than `chunk` positions of logits."""
+    model.eval()
+    head = head_of(model)
+    width = split.tokens.shape[1] - 1
+    total, count = np.zeros(width), np.zeros(width)
+    for tokens, real in _real_batches(split, batch_size):
+        hidden = model.model(tokens[:, :-1])
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            logits = head(hidden[:, start:end]).astype(mx.float32)
+            nll = token_nll(logits, tokens[:, start + 1 : end + 1]) * real[:, start:end]
+            mx.eval(nll)
+            total[start:end] += np.array(nll.sum(axis=0), dtype=np.float64)
+        count += np.array(real.sum(axis=0), dtype=np.float64)
+    return float(total.sum() / max(count.sum(), 1)), total, count
 
 
 def _real_batches(split: Split, batch_size: int):

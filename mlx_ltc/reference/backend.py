@@ -73,10 +73,13 @@ class TorchBackend:
             "lora_parameters": {"rank": rank, "scale": c.scale, "dropout": c.dropout, "keys": keys},
         }
 
-    def train(self, model, split, cfg, metrics_path, progress):
+    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
+        """The plain loop: one phase at the dataset's length, no orchestrator or checkpoints."""
         from mlx_ltc.train import StepLog, endless_indices
 
         t = cfg.train
+        if resume:
+            raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
         if len(split) == 0:
             raise UserError("the training split is empty")
         batch_size = t.batch_size or 1
@@ -88,7 +91,7 @@ class TorchBackend:
         stream = endless_indices(len(split), batch_size, t.seed)
         torch.manual_seed(t.seed)  # LoRA dropout
         model.train()
-        with StepLog(metrics_path, steps, progress, _peak_rss_gb) as log:
+        with StepLog(Path(run_dir) / "metrics.jsonl", steps, progress, _peak_rss_gb) as log:
             for step in range(1, steps + 1):
                 opt.zero_grad()
                 micro = [next(stream) for _ in range(t.grad_accum)]

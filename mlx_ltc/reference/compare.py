@@ -123,6 +123,7 @@ def run(
     from mlx.utils import tree_flatten
 
     from mlx_ltc import models, train
+    from mlx_ltc.train import phases
     from mlx_ltc.config import LoraConfig, MemoryConfig, TrainConfig
     from mlx_ltc.reference import lora as rlora
     from mlx_ltc.reference import model as rmodel
@@ -157,7 +158,8 @@ def run(
 
     initial = np.concatenate([np.array(mlx_lora[n]).ravel() for n in sorted(ref_lora)])
     result = Comparison(model_name, steps, seq_len, batch_size, reference_dtype)
-    update = train.Updater(ours.model, cfg, steps, memory)
+    update = train.Updater(ours.model, cfg, memory)
+    schedule = phases.lr_schedule(cfg, steps)
     opt = optim.adamw(list(ref_lora.values()), cfg.weight_decay)
     tokens0 = batches[0][0]
     logits = ours.model(mx.array(tokens0[:, :-1]))
@@ -170,7 +172,7 @@ def run(
     ours.model.train()
     ref.train()
     for step, (tokens, weights) in enumerate(batches, start=1):
-        stats = update([(mx.array(tokens), mx.array(weights), int((weights > 0).sum()))])
+        stats = update([(mx.array(tokens), mx.array(weights), int((weights > 0).sum()))], schedule(step - 1))
         opt.zero_grad()
         t = torch.from_numpy(tokens).long()
         w = torch.from_numpy(weights).to(dtype)

@@ -19,14 +19,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_ltc import atomic, hardware
+from mlx_ltc import atomic
 from mlx_ltc.backend import lora_a_init
 from mlx_ltc.config import LoraConfig, MemoryConfig, TrainConfig
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import engine
 
-__all__ = ["TrainResult", "Updater", "accumulate_gradients", "apply_lora", "batches", "save_adapters", "train"]
+__all__ = ["TrainResult", "Updater", "accumulate_gradients", "apply_lora", "batches", "save_adapters"]
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TrainResult:
     peak_memory_gb: float
     final_loss: float
     trainable_params: int
+    curriculum: dict | None = None  # phases, per-phase/per-length summaries, stability counts
 
 
 def lora_keys(model, cfg: LoraConfig) -> list:
@@ -106,21 +107,6 @@ def batches(split: Split, batch_size: int, rng=None):
     when rng is given. Weights are the documents' role weights, 0 on padding and the repo prefix."""
     for idx in batch_indices(len(split), batch_size, rng):
         yield mx.array(split.tokens[idx]), mx.array(split.weights[idx]), int(split.real[idx].sum())
-
-
-def lr_schedule(cfg: TrainConfig, total_steps: int):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    decay = max(total_steps - warmup - 1, 1)
-
-    def schedule(step):  # step = updates already applied
-        step = step.astype(mx.float32)
-        warm = cfg.lr * (step + 1) / max(warmup, 1)
-        progress = mx.clip((step - warmup) / decay, 0.0, 1.0)
-        cosine = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + mx.cos(math.pi * progress)))
-        return mx.where(step < warmup, warm, cosine)
-
-    return schedule
 
 
 def enable_grad_checkpoint(model):
@@ -222,57 +208,36 @@ class StepStats:
 
 
 class Updater:
-    """One optimizer update: accumulate the micro-batches' gradients, clip, AdamW with the schedule.
+    """One optimizer update: accumulate the micro-batches' gradients, clip, AdamW at the given rate.
 
     AdamW is bias-corrected (the standard algorithm, torch.optim.AdamW's): without the correction
     MLX's default takes ~3x larger steps in the first updates.
     """
 
-    def __init__(self, model, cfg: TrainConfig, total_steps: int, memory: MemoryConfig | None = None):
+    def __init__(self, model, cfg: TrainConfig, memory: MemoryConfig | None = None):
         self.model, self.cfg = model, cfg
-        self.schedule = lr_schedule(cfg, total_steps)
-        self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=cfg.weight_decay, bias_correction=True)
+        self.optimizer = optim.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay, bias_correction=True)
         self.step_fn = engine.loss_and_grad(model, memory or MemoryConfig())
         self.last_grads = None  # the unclipped mean gradient of the last update
 
-    def __call__(self, micro_batches) -> StepStats:
+    def gradients(self, micro_batches):
+        """(mean gradient, mean weighted loss, real targets) of the micro-batches together."""
         grads, loss_total, weight, tokens = accumulate_gradients(self.step_fn, self.model, micro_batches)
         self.last_grads = grads
-        grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
-        lr = self.schedule(self.optimizer.step)
+        return grads, (loss_total / weight).item(), tokens
+
+    def clip(self, grads):
+        """(clipped gradient, norm before clipping)."""
+        grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+        return grads, norm.item()
+
+    def apply(self, grads, lr: float) -> None:
+        self.optimizer.learning_rate = lr
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm, lr)
-        return StepStats((loss_total / weight).item(), grad_norm.item(), lr.item(), tokens)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
 
-
-def train(
-    model,
-    split: Split,
-    cfg: TrainConfig,
-    metrics_path: Path,
-    progress: bool = True,
-    memory: MemoryConfig | None = None,
-) -> TrainResult:
-    if len(split) == 0:
-        raise UserError("the training split is empty")
-
-    batch_size = cfg.batch_size or 1  # run_train fills it from the memory profile
-    per_update = batch_size * cfg.grad_accum
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(split) / per_update))
-    memory = memory or MemoryConfig()
-    if cfg.grad_checkpoint and not memory.staged:
-        enable_grad_checkpoint(model)
-    update = Updater(model, cfg, steps, memory)
-
-    def to_batch(idx):
-        return mx.array(split.tokens[idx]), mx.array(split.weights[idx]), int(split.real[idx].sum())
-
-    stream = map(to_batch, endless_indices(len(split), batch_size, cfg.seed))
-    model.train()
-    hardware.reset_peak_memory()
-    n_trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
-    with StepLog(metrics_path, steps, progress, hardware.peak_memory_gb) as log:
-        for step in range(1, steps + 1):
-            stats = update(next(stream) for _ in range(cfg.grad_accum))
-            log.step(step, stats.loss, stats.lr, stats.grad_norm, stats.tokens)
-    return log.result(n_trainable)
+    def __call__(self, micro_batches, lr: float) -> StepStats:
+        grads, loss, tokens = self.gradients(micro_batches)
+        grads, norm = self.clip(grads)
+        self.apply(grads, lr)
+        return StepStats(loss, norm, lr, tokens)

@@ -1,0 +1,116 @@
+"""After a run: per-phase and per-length summary tables and PNG plots, from metrics.jsonl and the
+stability counts (which include what rollbacks discarded)."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mlx_ltc import atomic
+
+
+def _mean_std(xs) -> tuple:
+    xs = np.asarray(xs, dtype=np.float64)
+    return (float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0) if len(xs) else (math.nan, math.nan)
+
+
+def phase_rows(rows: list) -> list:
+    """One summary per phase, from the metrics lines of the run's history."""
+    out = []
+    for phase in sorted({r["phase"] for r in rows}):
+        mine = [r for r in rows if r["phase"] == phase]
+        evals = [r for r in mine if "val_loss" in r]
+        mean, std = _mean_std([r["grad_norm"] for r in mine])
+        out.append({
+            "phase": phase,
+            "seq_len": mine[0]["seq_len"],
+            "steps": f"{mine[0]['step']}-{mine[-1]['step']}",
+            "updates": len(mine),
+            "final_train_loss": mine[-1]["loss"],
+            "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
+            "context_gain": evals[-1]["context_gain"] if evals else math.nan,
+            "spikes": sum(any(e.startswith("spike") for e in r["events"]) for r in mine),
+            "grad_norm_mean": mean,
+            "grad_norm_std": std,
+        })  # fmt: skip
+    return out
+
+
+def length_rows(rows: list, by_length: dict) -> list:
+    """One summary per sequence length: final val perplexity at that length, spikes and skipped
+    updates and pre-clip gradient-norm statistics over every attempt (rolled-back ones included)."""
+    out = []
+    for length in sorted(by_length, key=int):
+        s = by_length[length]
+        g = s["grad"]
+        evals = [r for r in rows if r["seq_len"] == int(length) and "val_loss" in r]
+        n = g["n"]
+        out.append({
+            "seq_len": int(length),
+            "updates": n,
+            "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
+            "spikes": s["spikes"],
+            "skipped": s["skipped"],
+            "grad_norm_mean": g["mean"],
+            "grad_norm_std": math.sqrt(g["m2"] / (n - 1)) if n > 1 else 0.0,
+            "grad_norm_min": g["min"] if n else math.nan,
+            "grad_norm_max": g["max"] if n else math.nan,
+        })  # fmt: skip
+    return out
+
+
+def tables(phases: list, lengths: list, counts: dict) -> str:
+    lines = ["per phase:", f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
+             f"{'spikes':>6} {'grad norm':>17}"]  # fmt: skip
+    for p in phases:
+        lines.append(f"  {p['phase']:>5} {p['seq_len']:>7,} {p['steps']:>11} {p['final_val_ppl']:>10.3f} "
+                     f"{p['context_gain']:>+9.2%} {p['spikes']:>6} "
+                     f"{p['grad_norm_mean']:>8.3f} ± {p['grad_norm_std']:<6.3f}")  # fmt: skip
+    lines += ["per length (every attempt, rolled-back ones included):",
+              f"  {'length':>7} {'updates':>8} {'final ppl':>10} {'spikes':>6} {'skipped':>7} "
+              f"{'grad norm mean ± std':>22} {'min':>7} {'max':>7}"]  # fmt: skip
+    for r in lengths:
+        lines.append(f"  {r['seq_len']:>7,} {r['updates']:>8} {r['final_val_ppl']:>10.3f} {r['spikes']:>6} "
+                     f"{r['skipped']:>7} {r['grad_norm_mean']:>13.3f} ± {r['grad_norm_std']:<6.3f} "
+                     f"{r['grad_norm_min']:>7.3f} {r['grad_norm_max']:>7.3f}")  # fmt: skip
+    lines.append(f"stability: {counts['spikes']} loss spikes, {counts['skipped']} non-finite updates skipped, "
+                 f"{counts['rollbacks']} rollbacks")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list, events: list, path: Path) -> None:
+    """Loss (train and val), LR and sequence length over steps; phase starts as vertical lines,
+    rollbacks and LR reductions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_lr, ax_len) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    ax_loss.plot(steps, [r["loss"] for r in rows], lw=0.8, label="train loss")
+    evals = [r for r in rows if "val_loss" in r]
+    ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val loss")
+    ax_loss.set_ylabel("loss (nats)")
+    ax_lr.plot(steps, [r["lr"] for r in rows], lw=0.9)
+    ax_lr.set_ylabel("learning rate")
+    ax_len.step(steps, [r["seq_len"] for r in rows], where="post")
+    ax_len.set_ylabel("sequence length")
+    ax_len.set_xlabel("optimizer step")
+    starts = [r["step"] for prev, r in zip(rows, rows[1:]) if r["phase"] != prev["phase"]]
+    marks = {"rollback": ("tab:red", "rollback"), "reduce_lr": ("tab:orange", "LR reduced"),
+             "restore_best": ("tab:purple", "best restored")}  # fmt: skip
+    for ax in (ax_loss, ax_lr, ax_len):
+        for s in starts:
+            ax.axvline(s, color="gray", ls="--", lw=0.8)
+    seen = set()
+    for e in events:
+        if e["kind"] in marks:
+            color, label = marks[e["kind"]]
+            ax_loss.axvline(e["step"], color=color, lw=1, alpha=0.7, label=None if label in seen else label)
+            seen.add(label)
+    ax_loss.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,396 @@
+"""The training loop of a run: phases, orchestrator, stability guards, checkpoints, metrics.
+
+Everything the loop depends on lives in its checkpoints (adapters, optimizer, TrainerState,
+orchestrator and stability state, the phase plan); the batch order is a pure function of
+(seed, phase, cursor) and MLX's random key of (seed, attempt). So a run killed anywhere and resumed
+from its last checkpoint repeats the same steps with the same numbers as if it had never stopped.
+
+Files in the run directory: `metrics.jsonl`, one line per optimizer step of the run's current
+history (a rollback or a resume cuts it back to the checkpoint); `events.jsonl`, every decision and
+incident ever, append-only, each with its inputs.
+"""
+
+import itertools
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_ltc import atomic, hardware
+from mlx_ltc.config import Config
+from mlx_ltc.data import Split
+from mlx_ltc.errors import Interrupted, UserError
+from mlx_ltc.train import TrainResult, Updater, endless_indices, enable_grad_checkpoint, phases, summary
+from mlx_ltc.train.checkpoint import Checkpoints
+from mlx_ltc.train.orchestrator import Event, Orchestrator, Stability, context_gain
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer updates applied
+    phase: int = 0
+    phase_step: int = 0
+    cursor: int = 0  # micro-batches drawn in this phase
+    attempts: int = 0  # update attempts, skipped ones included; not rolled back
+    tokens: int = 0
+    train_s: float = 0.0  # seconds spent in updates and evals, not counting downtime
+    weight_decay: float = 0.0
+    train_ema: float | None = None
+    last_loss: float = math.nan
+    done: str | None = None  # why the run ended
+    plan: list = field(default_factory=list)  # the phases, as dicts
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, model, train_split: Split, val_split: Split, cfg: Config, run_dir: Path, log=_log,
+                 progress: bool = True):  # fmt: skip
+        if len(train_split) == 0:
+            raise UserError("the training split is empty")
+        self.model, self.train_split, self.cfg, self.log, self.progress = model, train_split, cfg, log, progress
+        self.run_dir = Path(run_dir)
+        self.val = Split(*(a[: cfg.orchestrator.eval_sequences] for a in (val_split.tokens, val_split.weights,
+                                                                         val_split.real)))  # fmt: skip
+        if cfg.train.grad_checkpoint and not cfg.memory.staged:
+            enable_grad_checkpoint(model)
+        self.updater = Updater(model, cfg.train, cfg.memory)
+        self.checkpoints = Checkpoints(self.run_dir, cfg.checkpoint.keep_last, log)
+        self.orchestrator = Orchestrator(cfg.orchestrator)
+        self.stability = Stability(cfg.stability)
+        self.state = TrainerState(weight_decay=cfg.train.weight_decay)
+        self.metrics_path, self.events_path = self.run_dir / "metrics.jsonl", self.run_dir / "events.jsonl"
+        self.pending = []  # events to show on the next metrics line
+        self.stop_requested = False
+        self.wandb = None
+        self._data = {}
+
+    # --- plan and data -------------------------------------------------------------------------
+    @property
+    def plan(self) -> list:
+        return [phases.Phase(**p) for p in self.state.plan]
+
+    @property
+    def phase(self) -> phases.Phase:
+        return phases.Phase(**self.state.plan[self.state.phase])
+
+    def _batches(self, phase: phases.Phase):
+        """The phase's endless, seeded batch stream, positioned at the state's cursor."""
+        if phase.index not in self._data:
+            self._data = {phase.index: phases.view(self.train_split, phase.seq_len, phase.band)}
+        split = self._data[phase.index]
+        order = endless_indices(len(split), phase.micro_batch, self.cfg.train.seed + 1000 * phase.index)
+        for idx in itertools.islice(order, self.state.cursor, None):
+            yield mx.array(split.tokens[idx]), mx.array(split.weights[idx]), int(split.real[idx].sum())
+
+    def _eval_every(self, phase: phases.Phase) -> int:
+        return self.cfg.orchestrator.eval_every or max(1, phase.steps // 8)
+
+    # --- state ---------------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        s = self.stability.state
+        return {
+            "trainer": asdict(self.state),
+            "orchestrator": self.orchestrator.to_dict(),
+            "stability": self.stability.to_dict(),
+            "good": s.spike_streak == 0 and s.nan_streak == 0,
+        }
+
+    def save(self, why: str) -> None:
+        keep = {self.orchestrator.state.best_step}
+        opt_state = dict(tree_flatten(self.updater.optimizer.state))
+        adapters = dict(tree_flatten(self.model.trainable_parameters()))
+        path = self.checkpoints.save(self.state.step, adapters, opt_state, self._state_dict(), keep=keep)
+        self._event(Event(self.state.step, "checkpoint", why, {"path": str(path)}), show=False)
+
+    def _restore(self, step, adapters, optimizer, state, everything: bool) -> None:
+        self.model.update(tree_unflatten(list(adapters.items())))
+        self.updater.optimizer.state = tree_unflatten(list(optimizer.items()))
+        self.orchestrator = Orchestrator.from_dict(self.cfg.orchestrator, state["orchestrator"])
+        restored = Stability.from_dict(self.cfg.stability, state["stability"])
+        trainer = TrainerState(**state["trainer"])
+        if everything:
+            self.stability, self.state = restored, trainer
+        else:  # a rollback: the counts, the attempts and the data position go on
+            self.stability.rolled_back(restored.state)
+            keep = self.state
+            trainer.attempts, trainer.train_s = keep.attempts, keep.train_s
+            if trainer.phase == keep.phase:
+                trainer.cursor = keep.cursor  # the batches that went wrong are not replayed
+            self.state = trainer
+        self.updater.optimizer.weight_decay = self.state.weight_decay
+        mx.eval(self.model.trainable_parameters(), self.updater.optimizer.state)
+        self._cut_metrics(step)
+
+    def _cut_metrics(self, step: int) -> None:
+        rows = self.rows()
+        atomic.write_jsonl(self.metrics_path, [r for r in rows if r["step"] <= step])
+
+    def rows(self) -> list:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # the line a kill cut short
+                break
+        return rows
+
+    # --- start / resume --------------------------------------------------------------------------
+    def start(self, total_steps: int) -> None:
+        self.state.plan = [p.to_dict() for p in phases.plan(self.cfg, total_steps)]
+        self.model.train()
+        atomic.write_text(self.metrics_path, "")
+        self._describe_plan()
+        self.save("start")
+
+    def resume(self, max_steps: int | None = None) -> None:
+        found = self.checkpoints.load()
+        if found is None:
+            raise UserError(f"{self.run_dir} has no usable checkpoint to resume from")
+        step, adapters, optimizer, state = found
+        self._restore(step, adapters, optimizer, state, everything=True)
+        if max_steps is not None:
+            self._set_total(max_steps)
+        self.model.train()
+        self._event(Event(step, "resume", f"resumed from the checkpoint at step {step}"))
+
+    def _set_total(self, max_steps: int) -> None:
+        """Move the end of the run: the last phase's budget absorbs the difference."""
+        plan, done = self.state.plan, sum(p["steps"] for p in self.state.plan[:-1])
+        if max_steps <= self.state.step or max_steps <= done:
+            raise UserError(f"--max-steps {max_steps}: the run is already at step {self.state.step} "
+                            f"(its last phase starts after step {done})")  # fmt: skip
+        plan[-1]["steps"] = max_steps - done
+        if self.state.done == "schedule":
+            self.state.done = None
+
+    def _describe_plan(self) -> None:
+        for p in self.plan:
+            self.log(f"phase {p.index + 1}/{len(self.plan)}: {p.steps} updates at {p.seq_len:,} tokens "
+                     f"({p.micro_batch} x {p.grad_accum} sequences per update), LR x{p.lr_mult:g}, "
+                     f"easiest {p.band:.0%} of the sequences")  # fmt: skip
+
+    # --- events --------------------------------------------------------------------------------
+    def _event(self, event: Event, show: bool = True) -> None:
+        row = {**event.to_dict(), "attempt": self.state.attempts, "phase": self.state.phase}
+        with open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if show:
+            self.pending.append(event.short())
+            if event.kind not in ("spike", "skip"):
+                self.log(f"step {event.step}: {event.short()}")
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        total = sum(p["steps"] for p in self.state.plan)
+        self._init_wandb()
+        hardware.reset_peak_memory()
+        bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step",
+                   disable=None if self.progress else True, dynamic_ncols=True)  # fmt: skip
+        previous = self._catch_sigint()
+        try:
+            while not self.state.done:
+                stream, more = self._batches(self.phase), True
+                while more:
+                    more = self._attempt(stream)
+                    bar.n = self.state.step
+                    s = self.state
+                    bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}")
+                    if self.stop_requested and not self.state.done:
+                        self.save("interrupted (Ctrl-C)")
+                        raise Interrupted(
+                            f"interrupted: saved a checkpoint at step {self.state.step}; continue with "
+                            f"mlx-ltc train --resume {self.run_dir}"
+                        )
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            bar.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+        n = sum(p.size for _, p in tree_flatten(self.model.trainable_parameters()))
+        s = self.state
+        return TrainResult(s.step, s.tokens, s.train_s, s.tokens / max(s.train_s, 1e-9),
+                           hardware.peak_memory_gb(), s.last_loss, n, self.report())  # fmt: skip
+
+    def report(self) -> dict:
+        """Summary tables and plots/training.png from the run's metrics and events."""
+        rows, stb = self.rows(), self.stability.to_dict()
+        events = [json.loads(line) for line in self.events_path.read_text(encoding="utf-8").splitlines()]
+        by_phase, by_length = summary.phase_rows(rows), summary.length_rows(rows, stb["by_length"])
+        counts = {k: stb[k] for k in ("spikes", "skipped", "rollbacks")}
+        if rows:
+            summary.plot(rows, events, self.run_dir / "plots" / "training.png")
+        kinds = {}
+        for e in events:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+        tables = summary.tables(by_phase, by_length, counts)
+        return {"plan": self.state.plan, "stopped": self.state.done, "phases": by_phase, "lengths": by_length,
+                "stability": counts, "events": kinds, "tables": tables}  # fmt: skip
+
+    def _catch_sigint(self):
+        try:
+            return signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C stays Python's
+            return None
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("Ctrl-C: saving a checkpoint after this update (press again to abort without saving)")
+
+    def _attempt(self, stream) -> bool:
+        """One update attempt. False when the stream must be rebuilt (new phase, rollback) or the run ended."""
+        s, phase, st = self.state, self.phase, self.cfg.stability
+        started = time.perf_counter()
+        micro = [next(stream) for _ in range(phase.grad_accum)]
+        s.cursor += phase.grad_accum
+        s.attempts += 1
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + s.attempts)  # LoRA dropout's draws follow the state
+        grads, loss, tokens = self.updater.gradients(micro)
+        if s.attempts in st.inject_nan:
+            grads, loss = tree_map(lambda g: g * math.nan, grads), math.nan
+        if s.attempts in st.inject_spike:
+            grads, loss = tree_map(lambda g: g * 8, grads), loss * 8
+        grads, grad_norm = self.updater.clip(grads)
+        apply, events = self.stability.check(s.step + 1, loss, grad_norm, phase.seq_len)
+        lr = phases.lr_at(self.cfg.train, phase, s.phase_step, self.orchestrator.state.lr_factor)
+        if apply:
+            self.updater.apply(grads, lr)
+            s.step, s.phase_step, s.tokens, s.last_loss = s.step + 1, s.phase_step + 1, s.tokens + tokens, loss
+            s.train_ema = loss if s.train_ema is None else 0.9 * s.train_ema + 0.1 * loss
+        s.train_s += time.perf_counter() - started
+        for e in events:
+            self._event(e)
+        if any(e.kind == "rollback" for e in events):
+            self._rollback()
+            return False
+        if not apply:
+            return True
+        row = {"step": s.step, "phase": s.phase + 1, "seq_len": phase.seq_len, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "tokens": s.tokens}  # fmt: skip
+        decisions = []
+        if s.phase_step % self._eval_every(phase) == 0 or s.phase_step >= phase.steps:
+            decisions = self._evaluate(row, last=s.phase == len(s.plan) - 1)
+        stb = self.stability.state
+        row.update({"tokens_per_s": s.tokens / max(s.train_s, 1e-9), "peak_memory_gb": hardware.peak_memory_gb(),
+                    "elapsed_s": s.train_s, "spikes": stb.spikes, "skipped": stb.skipped, "rollbacks": stb.rollbacks,
+                    "events": self.pending})  # fmt: skip
+        self.pending = []
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "events"}, step=s.step)
+        return self._decide(decisions, phase)
+
+    def _evaluate(self, row: dict, last: bool) -> list:
+        from mlx_ltc.eval import position_nll
+
+        started = time.perf_counter()
+        split = phases.view(self.val, self.phase.seq_len)
+        loss, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size)
+        self.model.train()
+        gain = context_gain(total / count.clip(min=1))
+        self.state.train_s += time.perf_counter() - started
+        row.update({"val_loss": loss, "val_ppl": math.exp(loss), "context_gain": gain})
+        before = self.orchestrator.state.best_step
+        spent = self.state.phase_step / self.phase.steps
+        decisions = self.orchestrator.on_eval(self.state.step, loss, self.state.train_ema, gain, last, spent)
+        o = self.orchestrator.state
+        if o.best_step != before and o.best_step == self.state.step:
+            why = f"new best smoothed val loss {o.best:.4f} in phase {self.state.phase + 1}"
+            decisions.insert(0, Event(self.state.step, "best", why))
+        return decisions
+
+    def _decide(self, decisions: list, phase: phases.Phase) -> bool:
+        s = self.state
+        saved = False
+        for e in decisions:
+            self._event(e, show=e.kind != "best")
+            if e.kind == "restore_best":
+                self._restore_best(regularize=not any(d.kind == "stop" for d in decisions))
+            elif e.kind == "stop":
+                s.done = e.reason
+            elif e.kind == "advance":
+                return self._advance(e.reason)
+            elif e.kind == "best":
+                saved = True
+        every = self.cfg.checkpoint.save_every
+        if s.phase_step >= phase.steps and not s.done:
+            return self._advance("schedule: the phase's budget is spent")
+        if s.done or saved or (every and s.step % every == 0):
+            self.save("end: " + s.done if s.done else "new best" if saved else f"every {every} steps")
+        return not s.done
+
+    def _advance(self, why: str) -> bool:
+        s = self.state
+        if s.phase + 1 >= len(s.plan):
+            s.done = "schedule"
+            self.save("end of the last phase")
+            return False
+        s.phase, s.phase_step, s.cursor = s.phase + 1, 0, 0
+        self.orchestrator.new_phase()
+        nxt = self.phase
+        self._event(Event(s.step, "advance", f"phase {s.phase + 1} at {nxt.seq_len:,} tokens ({why})",
+                          {"seq_len": nxt.seq_len, "lr_mult": nxt.lr_mult, "band": nxt.band}))  # fmt: skip
+        self.save(f"start of phase {s.phase + 1}")
+        return False
+
+    def _restore_best(self, regularize: bool) -> None:
+        best = self.orchestrator.state.best_step
+        found = self.checkpoints.load(at_most=best)
+        if found is None or found[0] != best:
+            self.log(f"the best checkpoint (step {best}) is gone; keeping the current weights")
+            return
+        _, adapters, optimizer, _ = found
+        self.model.update(tree_unflatten(list(adapters.items())))
+        self.updater.optimizer.state = tree_unflatten(list(optimizer.items()))
+        if regularize:
+            self.state.weight_decay *= 2
+            self.updater.optimizer.weight_decay = self.state.weight_decay
+        mx.eval(self.model.trainable_parameters(), self.updater.optimizer.state)
+
+    def _rollback(self) -> None:
+        st = self.stability.state
+        if st.rollbacks >= self.cfg.stability.max_rollbacks:
+            raise UserError(f"training is unstable: {st.rollbacks} rollbacks, {st.spikes} loss spikes, {st.skipped} "
+                            f"non-finite updates; lower train.lr (run kept in {self.run_dir})")  # fmt: skip
+        found = self.checkpoints.load(at_most=self.state.step, good_only=True)
+        if found is None:
+            raise UserError(f"training is unstable and {self.run_dir} has no good checkpoint to roll back to")
+        step, adapters, optimizer, state = found
+        self._restore(step, adapters, optimizer, state, everything=False)
+        o = self.orchestrator.state
+        o.lr_factor = max(self.cfg.orchestrator.min_lr_factor, o.lr_factor * self.cfg.orchestrator.lr_factor)
+        self.checkpoints.drop_after(step)
+        self._event(Event(step, "rollback", f"restored the checkpoint at step {step}; LR factor now {o.lr_factor:g}",
+                          {"rollbacks": self.stability.state.rollbacks}))  # fmt: skip
+
+    def _init_wandb(self) -> None:
+        if self.cfg.orchestrator.report_to != "wandb":
+            return
+        wandb = require_wandb()
+        self.wandb = wandb
+        wandb.init(project="mlx-ltc", name=self.run_dir.name, id=self.run_dir.name, resume="allow",
+                   dir=str(self.run_dir), config=self.cfg.to_dict())  # fmt: skip
+
+
+def require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--report-to wandb needs wandb: pip install wandb") from None
+    return wandb
