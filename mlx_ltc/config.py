@@ -100,7 +100,7 @@ class OrchestratorConfig:
     smoothing: float = 0.5  # EMA weight of the newest val loss
     converge_evals: int = 3  # advance when the smoothed val loss improved < converge_tol over this many evals
     converge_tol: float = 0.01
-    min_phase_share: float = 0.25  # no convergence decision before this share of the phase's budget is spent
+    min_phase_share: float = 0.5  # no convergence decision before this share of the phase's budget is spent
     context_tol: float = 0.01  # the window's last quarter must be this much (relative) below its second quarter
     plateau_evals: int = 3  # evals without a new best before the LR is reduced
     lr_factor: float = 0.5

@@ -76,9 +76,9 @@ def test_a_multi_phase_run_logs_every_step_its_phases_and_its_decisions(referenc
     assert [r["seq_len"] for r in rows] == [64] * 9 + [128] * 7  # shares 0.35 : 0.25 of 16 updates
     evals = [r for r in rows if "val_loss" in r]
     assert len(evals) >= 6 and all(np.isclose(r["val_ppl"], np.exp(r["val_loss"])) for r in evals)
-    assert any("advance" in e for r in rows for e in r["events"])
+    assert any(e.startswith("phase: phase 2 at 128 tokens") for e in rows[9]["events"])
     events = [json.loads(line) for line in (reference_run / "events.jsonl").read_text().splitlines()]
-    assert {"advance", "checkpoint", "best"} <= {e["kind"] for e in events}
+    assert {"phase", "checkpoint", "best"} <= {e["kind"] for e in events}
     report = json.loads((reference_run / "report.json").read_text())
     cur = report["train"]["curriculum"]
     assert [p["seq_len"] for p in cur["phases"]] == [64, 128] and cur["stability"]["rollbacks"] == 0
@@ -153,14 +153,15 @@ def windows(n, length, seed=0):
     return Split.from_rows([rng.integers(100, 3000, length, dtype=np.int32) for _ in range(n)])
 
 
-def trainer(tiny_dir, run_dir, split, **stability):
+def trainer(tiny_dir, run_dir, split, n_phases=1, orchestrator=None, **stability):
     loaded = models.load(tiny_dir, dequantize="always")
     train.apply_lora(loaded.model, LoraConfig(rank=4))
     cfg = Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2))
-    cfg.data.seq_len, cfg.curriculum.phases = split.tokens.shape[1], 1
+    cfg.data.seq_len, cfg.curriculum.phases = split.tokens.shape[1], n_phases
     cfg.orchestrator.converge_tol, cfg.orchestrator.eval_every, cfg.checkpoint.save_every = 0.0, 4, 2
-    for k, v in stability.items():
-        setattr(cfg.stability, k, v)
+    for section, values in (("stability", stability), ("orchestrator", orchestrator or {})):
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
     t = Trainer(loaded.model, split, split, cfg, run_dir, log=lambda m: None, progress=False)
     t.start(phases.total_steps(cfg, len(split)))
     return t
@@ -180,6 +181,20 @@ def test_injected_nans_and_spikes_roll_back_and_the_run_finishes(tiny_dir, tmp_p
     plan_lr = phases.lr_at(t.cfg.train, t.plan[0], 23)
     assert rows[-1]["lr"] == pytest.approx(plan_lr / 4)  # halved at each rollback, not undone by the schedule
     assert t.state.attempts >= 24 + 3 + 3  # the skipped updates and the rolled-back spike steps were redone
+
+
+def test_an_early_advance_hands_its_unused_updates_to_the_next_phase(tiny_dir, tmp_path):
+    always = {"converge_tol": 10.0, "context_tol": -1.0, "converge_evals": 1, "min_phase_share": 0.0}
+    t = trainer(tiny_dir, tmp_path, windows(8, 65), n_phases=2, orchestrator=always)
+    planned = [p.steps for p in t.plan]
+    result = t.run()
+    rows = metrics(tmp_path)
+    first = [r for r in rows if r["phase"] == 1]
+    assert len(first) == 8 < planned[0]  # the second eval (every 4 steps) sees convergence
+    assert any(e.startswith("advance: converged") for e in rows[7]["events"])
+    assert any(e.startswith("phase: phase 2") for e in rows[8]["events"])
+    assert [p.steps for p in t.plan] == [8, sum(planned) - 8]
+    assert result.steps == 16 and rows[-1]["events"][-1].startswith("stop: converged")  # the last phase, too
 
 
 def test_too_many_rollbacks_stop_with_one_clear_error(tiny_dir, tmp_path):

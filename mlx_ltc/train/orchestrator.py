@@ -31,12 +31,14 @@ from mlx_ltc.config import OrchestratorConfig, StabilityConfig
 @dataclass
 class Event:
     step: int
-    kind: str  # advance | hold | stop | reduce_lr | restore_best | spike | skip | rollback | ...
+    kind: str  # advance | hold | stop | reduce_lr | restore_best | best | phase | spike | skip | rollback | ...
     reason: str
     inputs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As strict JSON allows: a non-finite input is written as its name ("nan", "inf")."""
+        inputs = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.inputs.items()}
+        return {**asdict(self), "inputs": inputs}
 
     def short(self) -> str:
         return f"{self.kind}: {self.reason}"

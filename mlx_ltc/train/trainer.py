@@ -285,6 +285,8 @@ class Trainer:
         decisions = []
         if s.phase_step % self._eval_every(phase) == 0 or s.phase_step >= phase.steps:
             decisions = self._evaluate(row, last=s.phase == len(s.plan) - 1)
+        for e in decisions:  # on this step's line; acted on once the line is written (checkpoints follow it)
+            self._event(e, show=e.kind != "best")
         stb = self.stability.state
         row.update({"tokens_per_s": s.tokens / max(s.train_s, 1e-9), "peak_memory_gb": hardware.peak_memory_gb(),
                     "elapsed_s": s.train_s, "spikes": stb.spikes, "skipped": stb.skipped, "rollbacks": stb.rollbacks,
@@ -319,7 +321,6 @@ class Trainer:
         s = self.state
         saved = False
         for e in decisions:
-            self._event(e, show=e.kind != "best")
             if e.kind == "restore_best":
                 self._restore_best(regularize=not any(d.kind == "stop" for d in decisions))
             elif e.kind == "stop":
@@ -341,11 +342,15 @@ class Trainer:
             s.done = "schedule"
             self.save("end of the last phase")
             return False
+        left = s.plan[s.phase]["steps"] - s.phase_step  # an early advance hands its unused updates on
+        s.plan[s.phase]["steps"] = s.phase_step
+        s.plan[s.phase + 1]["steps"] += left
         s.phase, s.phase_step, s.cursor = s.phase + 1, 0, 0
         self.orchestrator.new_phase()
         nxt = self.phase
-        self._event(Event(s.step, "advance", f"phase {s.phase + 1} at {nxt.seq_len:,} tokens ({why})",
-                          {"seq_len": nxt.seq_len, "lr_mult": nxt.lr_mult, "band": nxt.band}))  # fmt: skip
+        self._event(Event(s.step, "phase", f"phase {s.phase + 1} at {nxt.seq_len:,} tokens ({why})",
+                          {"seq_len": nxt.seq_len, "lr_mult": nxt.lr_mult, "band": nxt.band, "steps": nxt.steps,
+                           "inherited": left}))  # fmt: skip
         self.save(f"start of phase {s.phase + 1}")
         return False
 
