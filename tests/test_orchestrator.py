@@ -80,7 +80,7 @@ def test_spikes_are_counted_and_a_run_of_them_asks_for_a_rollback():
     for i in range(10):
         assert st.check(i, 1.0 + 0.01 * i, 1.0, 64) == (True, [])
     kinds = [[e.kind for e in st.check(10 + i, 5.0, 1.0, 64)[1]] for i in range(3)]
-    assert kinds == [["spike"], ["spike"], ["spike", "rollback"]]
+    assert kinds == [["spike"], ["spike"], ["spike", "unstable"]]
     assert st.state.spikes == 3 and st.state.by_length["64"]["spikes"] == 3
     assert st.check(13, 1.0, 1.0, 64) == (True, [])  # a normal loss ends the streak
     assert st.state.spike_streak == 0 and max(st.state.recent) < 2  # spikes never enter the median window
@@ -93,7 +93,7 @@ def test_non_finite_updates_are_skipped_then_rolled_back():
     apply, events = st.check(6, math.nan, 1.0, 32)
     assert not apply and [e.kind for e in events] == ["skip"]
     apply, events = st.check(7, 1.0, math.inf, 32)
-    assert not apply and [e.kind for e in events] == ["skip", "rollback"]
+    assert not apply and [e.kind for e in events] == ["skip", "unstable"]
     assert st.state.skipped == 2 and st.state.by_length["32"]["grad"].n == 6  # no norm recorded for skips
     restored = Stability(StabilityConfig()).state
     st.rolled_back(restored)

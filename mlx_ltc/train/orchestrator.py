@@ -31,7 +31,7 @@ from mlx_ltc.config import OrchestratorConfig, StabilityConfig
 @dataclass
 class Event:
     step: int
-    kind: str  # advance | hold | stop | reduce_lr | restore_best | best | phase | spike | skip | rollback | ...
+    kind: str  # advance hold stop reduce_lr restore_best best phase spike skip unstable rollback checkpoint resume
     reason: str
     inputs: dict = field(default_factory=dict)
 
@@ -179,7 +179,7 @@ class Stability:
         return self.state.by_length.setdefault(str(seq_len), {"grad": GradStats(), "spikes": 0, "skipped": 0})
 
     def check(self, step: int, loss: float, grad_norm: float, seq_len: int) -> tuple:
-        """(apply the update?, events); an event of kind "rollback" asks for one."""
+        """(apply the update?, events); an event of kind "unstable" asks for a rollback."""
         s, c = self.state, self.cfg
         per_length = self._length(seq_len)
         inputs = {"loss": loss, "grad_norm": grad_norm, "seq_len": seq_len}
@@ -189,7 +189,7 @@ class Stability:
             per_length["skipped"] += 1
             events = [Event(step, "skip", f"non-finite loss {loss} or grad norm {grad_norm}; update skipped", inputs)]
             if s.nan_streak >= c.nan_limit:
-                events.append(Event(step, "rollback", f"{s.nan_streak} non-finite updates in a row", inputs))
+                events.append(Event(step, "unstable", f"{s.nan_streak} non-finite updates in a row", inputs))
             return False, events
         s.nan_streak = 0
         per_length["grad"].add(grad_norm)
@@ -204,7 +204,7 @@ class Stability:
                 events.append(Event(step, "spike", f"loss {loss:.4f} > {c.spike_factor:g} x median {median:.4f}",
                                     inputs))  # fmt: skip
                 if s.spike_streak >= c.spike_limit:
-                    events.append(Event(step, "rollback", f"{s.spike_streak} spikes in a row", inputs))
+                    events.append(Event(step, "unstable", f"{s.spike_streak} spikes in a row", inputs))
                 return True, events
         s.spike_streak = 0
         s.recent = (s.recent + [loss])[-c.spike_window :]

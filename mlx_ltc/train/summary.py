@@ -14,8 +14,9 @@ def _mean_std(xs) -> tuple:
     return (float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0) if len(xs) else (math.nan, math.nan)
 
 
-def phase_rows(rows: list) -> list:
-    """One summary per phase, from the metrics lines of the run's history."""
+def phase_rows(rows: list, events: list) -> list:
+    """One summary per phase, from the metrics lines of the run's history; spikes and skipped updates
+    from the events (rolled-back steps included)."""
     out = []
     for phase in sorted({r["phase"] for r in rows}):
         mine = [r for r in rows if r["phase"] == phase]
@@ -29,7 +30,8 @@ def phase_rows(rows: list) -> list:
             "final_train_loss": mine[-1]["loss"],
             "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
             "context_gain": evals[-1]["context_gain"] if evals else math.nan,
-            "spikes": sum(any(e.startswith("spike") for e in r["events"]) for r in mine),
+            "spikes": sum(e["kind"] == "spike" and e["phase"] + 1 == phase for e in events),
+            "skipped": sum(e["kind"] == "skip" and e["phase"] + 1 == phase for e in events),
             "grad_norm_mean": mean,
             "grad_norm_std": std,
         })  # fmt: skip
@@ -60,11 +62,12 @@ def length_rows(rows: list, by_length: dict) -> list:
 
 
 def tables(phases: list, lengths: list, counts: dict) -> str:
-    lines = ["per phase:", f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
-             f"{'spikes':>6} {'grad norm':>17}"]  # fmt: skip
+    lines = ["per phase (ppl: the eval slice at the phase's length):",
+             f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
+             f"{'spikes':>6} {'skipped':>7} {'grad norm':>17}"]  # fmt: skip
     for p in phases:
         lines.append(f"  {p['phase']:>5} {p['seq_len']:>7,} {p['steps']:>11} {p['final_val_ppl']:>10.3f} "
-                     f"{p['context_gain']:>+9.2%} {p['spikes']:>6} "
+                     f"{p['context_gain']:>+9.2%} {p['spikes']:>6} {p['skipped']:>7} "
                      f"{p['grad_norm_mean']:>8.3f} ± {p['grad_norm_std']:<6.3f}")  # fmt: skip
     lines += ["per length (every attempt, rolled-back ones included):",
               f"  {'length':>7} {'updates':>8} {'final ppl':>10} {'spikes':>6} {'skipped':>7} "
@@ -82,6 +85,7 @@ def plot(rows: list, events: list, path: Path) -> None:
     """Loss (train and val), LR and sequence length over steps; phase starts as vertical lines,
     rollbacks and LR reductions marked."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -91,7 +95,10 @@ def plot(rows: list, events: list, path: Path) -> None:
     ax_loss.plot(steps, [r["loss"] for r in rows], lw=0.8, label="train loss")
     evals = [r for r in rows if "val_loss" in r]
     ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val loss")
-    ax_loss.set_ylabel("loss (nats)")
+    ax_loss.set_ylabel("loss (nats, log scale)")
+    ax_loss.set_yscale("log")  # a spike must not flatten the rest
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_lr.plot(steps, [r["lr"] for r in rows], lw=0.9)
     ax_lr.set_ylabel("learning rate")
     ax_len.step(steps, [r["seq_len"] for r in rows], where="post")

@@ -167,6 +167,8 @@ class Trainer:
     def _set_total(self, max_steps: int) -> None:
         """Move the end of the run: the last phase's budget absorbs the difference."""
         plan, done = self.state.plan, sum(p["steps"] for p in self.state.plan[:-1])
+        if max_steps == done + plan[-1]["steps"]:
+            return
         if max_steps <= self.state.step or max_steps <= done:
             raise UserError(f"--max-steps {max_steps}: the run is already at step {self.state.step} "
                             f"(its last phase starts after step {done})")  # fmt: skip
@@ -229,7 +231,7 @@ class Trainer:
         """Summary tables and plots/training.png from the run's metrics and events."""
         rows, stb = self.rows(), self.stability.to_dict()
         events = [json.loads(line) for line in self.events_path.read_text(encoding="utf-8").splitlines()]
-        by_phase, by_length = summary.phase_rows(rows), summary.length_rows(rows, stb["by_length"])
+        by_phase, by_length = summary.phase_rows(rows, events), summary.length_rows(rows, stb["by_length"])
         counts = {k: stb[k] for k in ("spikes", "skipped", "rollbacks")}
         if rows:
             summary.plot(rows, events, self.run_dir / "plots" / "training.png")
@@ -275,7 +277,7 @@ class Trainer:
         s.train_s += time.perf_counter() - started
         for e in events:
             self._event(e)
-        if any(e.kind == "rollback" for e in events):
+        if any(e.kind == "unstable" for e in events):
             self._rollback()
             return False
         if not apply:
