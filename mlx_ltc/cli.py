@@ -248,12 +248,69 @@ def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json
         raise SystemExit(1)
 
 
+def _int_list(ctx, param, value):
+    if not value:
+        return []
+    try:
+        out = [int(x.replace("_", "")) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(x < 1 for x in out):
+        raise click.BadParameter("every value must be positive")
+    return out
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--base", is_flag=True, help="Also evaluate the base model, side by side (doubles the time).")
+@click.option("--lengths", callback=_int_list, help="Evaluation lengths [default: 512 ... 2 x the trained length].")
+@click.option("--context-tokens", type=click.IntRange(min=1), default=16_384, show_default=True,
+              help="Test-split tokens scored at every evaluation length.")  # fmt: skip
+@click.option("--windows", callback=_int_list, help="Streaming KV windows [default: 1/2, 1, 2 x trained length].")
+@click.option("--stream-tokens", type=click.IntRange(min=0), default=32_768, show_default=True,
+              help="Tokens in the streaming evaluation (0: the whole source).")  # fmt: skip
+@click.option("--stream-corpus", type=click.Path(path_type=Path), default=None,
+              help="Stream this directory's source files instead of the test split.")  # fmt: skip
+@click.option("--chunk", type=click.IntRange(min=1), default=512, show_default=True, help="Streaming prefill chunk.")
+@click.option("--qa-split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--splits", type=click.Choice(["val,test", "test", "val"]), default="val,test", show_default=True,
+              help="Splits to measure perplexity on.")  # fmt: skip
+@click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="RUN_A RUN_B",
+              help="Put two evaluated runs side by side instead.")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, stream_corpus, chunk, qa_split, splits,
+             compare, json_out, quiet):  # fmt: skip
+    """Evaluate a finished run: perplexity, loss vs position, repo QA, streaming; report.md and plots."""
+    from mlx_ltc import atomic
+    from mlx_ltc.eval import report
+    from mlx_ltc.eval.run import EvalOptions, run_eval
+
+    if compare:
+        if run_dir is not None:
+            raise UserError("--compare takes two run directories; drop RUN_DIR")
+        text, rows = report.compare(*compare)
+        click.echo(text, nl=False)
+        if json_out:
+            atomic.write_json(json_out, {"a": str(compare[0]), "b": str(compare[1]), "rows": rows})
+        return
+    if run_dir is None:
+        raise UserError("give a run directory (mlx-ltc eval RUN_DIR) or --compare RUN_A RUN_B")
+    opts = EvalOptions(base=base, lengths=lengths, context_tokens=context_tokens, windows=windows,
+                       stream_tokens=stream_tokens, stream_corpus=stream_corpus, chunk=chunk, qa_split=qa_split,
+                       splits=tuple(splits.split(",")), progress=not quiet)  # fmt: skip
+    results = run_eval(run_dir, opts)
+    if json_out:
+        atomic.write_json(json_out, results)
+    click.echo(f'written: {Path(run_dir) / "report.md"}, report.json ("eval"), plots/')
+
+
 def main():
     from mlx_ltc import hardware
 
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare"):
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

@@ -57,3 +57,16 @@ def test_train_warns_once_when_no_openblas_is_available(tmp_path):
         "(Debian/Ubuntu: apt-get install libopenblas0-pthread)"
     ]
     assert lines[-1].startswith("Error: repo path does not exist")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or hardware.find_openblas() is None, reason="re-exec needs Linux + OpenBLAS")
+def test_blas_re_exec_runs_the_installed_package_not_one_in_the_cwd(tmp_path):
+    """The console script re-execs itself with OpenBLAS preloaded; from inside another checkout (a
+    directory holding an older mlx_ltc) it must still run the package it started with."""
+    (tmp_path / "mlx_ltc").mkdir()
+    (tmp_path / "mlx_ltc" / "__init__.py").write_text("raise SystemExit('the wrong mlx_ltc')\n")
+    (tmp_path / "mlx_ltc" / "__main__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", hardware._ENV_DONE)}
+    script = Path(sys.executable).parent / "mlx-ltc"
+    proc = subprocess.run([str(script), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "mlx-ltc" in proc.stdout, proc.stderr

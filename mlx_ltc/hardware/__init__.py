@@ -47,7 +47,12 @@ def ensure_fast_blas(module="mlx_ltc", script=None):
         return None
     env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib)
     target = [str(script)] if script else ["-m", module]
-    os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)
+    safe = []
+    if sys.version_info >= (3, 11) and not script:  # import the mlx_ltc that was running, not one in the cwd
+        here = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+        safe = ["-P"]
+    os.execve(sys.executable, [sys.executable, *safe, *target, *sys.argv[1:]], env)
 
 
 def describe() -> dict:

@@ -7,7 +7,7 @@ adapter names) stay mlx-lm's. Transformers' Starcoder2ForCausalLM is the referen
 (`mlx_ltc.reference`, tests/test_reference_models.py).
 
 The window also holds for generation with mlx-lm's default (growing) KV cache; a rotating cache
-(`max_kv_size`) is mlx-lm's own business.
+(`max_kv_size`) masks its own window, which must not exceed the model's (`eval.stream` sees to it).
 """
 
 import mlx.core as mx
@@ -40,7 +40,8 @@ def _windowed(attn, window: int) -> None:
 
     def call(self, x, mask=None, cache=None, _base=base):
         offset = cache.offset if cache is not None else 0
-        if offset + x.shape[1] > self.window and (mask is None or isinstance(mask, str)):
+        rotating = getattr(cache, "max_size", None)  # a RotatingKVCache masks its own window
+        if rotating is None and offset + x.shape[1] > self.window and (mask is None or isinstance(mask, str)):
             mask = window_mask(offset, x.shape[1], self.window)
         return _base.__call__(self, x, mask, cache)
 
