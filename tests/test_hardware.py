@@ -59,7 +59,7 @@ def test_train_warns_once_when_no_openblas_is_available(tmp_path):
     assert lines[-1].startswith("Error: repo path does not exist")
 
 
-@pytest.mark.skipif(sys.platform != "linux" or hardware.find_openblas() is None, reason="re-exec needs Linux + OpenBLAS")
+@pytest.mark.skipif(sys.platform != "linux" or hardware.find_openblas() is None, reason="needs Linux + OpenBLAS")
 def test_blas_re_exec_runs_the_installed_package_not_one_in_the_cwd(tmp_path):
     """The console script re-execs itself with OpenBLAS preloaded; from inside another checkout (a
     directory holding an older mlx_ltc) it must still run the package it started with."""
