@@ -305,12 +305,108 @@ def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, str
     click.echo(f'written: {Path(run_dir) / "report.md"}, report.json ("eval"), plots/')
 
 
+@cli.group("bk")
+def bk_group():
+    """The BK-core language model (a causal Birman-Schwinger Green's function mixer), trained from scratch."""
+
+
+def _lengths(text: str) -> list:
+    try:
+        lengths = [int(x.strip().replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seq-lens: expected comma-separated integers, got {text!r}") from None
+    if not lengths or any(n < 2 for n in lengths) or lengths != sorted(set(lengths)):
+        raise UserError(f"--seq-lens: expected increasing lengths of at least 2 tokens, got {text!r}")
+    return lengths
+
+
+@bk_group.command("train")
+@click.option("--seq-lens", default="128,512,2048,8192,32768,131072", show_default=True,
+              help="The curriculum's lengths, shortest first.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (continued when it "
+              "holds an unfinished run with the same settings).")  # fmt: skip
+@click.option("--repo", type=click.Path(path_type=Path), default=None, help="Train on this repository's files.")
+@click.option("--corpus", type=click.Path(path_type=Path), default=None,
+              help="Train on this directory's source files [default: this Python's standard library].")  # fmt: skip
+@click.option("--steps-per-length", type=int, default=200, show_default=True, help="Optimizer updates per length.")
+@click.option("--tokens-per-step", type=int, default=32768, show_default=True,
+              help="Tokens per update: batch = max(1, this // length).")  # fmt: skip
+@click.option("--d-model", type=int, default=256, show_default=True)
+@click.option("--layers", type=int, default=4, show_default=True)
+@click.option("--channels", type=int, default=None, help="BK channels per layer [default: d-model].")
+@click.option("--experts", type=int, default=4, show_default=True, help="Experts in each block's MoE.")
+@click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token (learned router).")
+@click.option("--expert-hidden", type=int, default=512, show_default=True)
+@click.option("--router", type=click.Choice(["learned", "scattering"]), default="learned", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate of each length.")
+@click.option("--warmup-steps", type=int, default=20, show_default=True, help="Warmup updates of each length.")
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm.")
+@click.option("--val-share", type=float, default=0.05, show_default=True, help="Share of files held out for val.")
+@click.option("--val-tokens", type=int, default=65536, show_default=True, help="Val tokens scored at each length.")
+@click.option("--max-tokens", type=int, default=0, help="Tokenize files until this many tokens [default: all].")
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward (less memory).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bk run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step, d_model, layers, channels, experts,
+                 top_k, expert_hidden, router, lr, warmup_steps, weight_decay, max_grad_norm, val_share, val_tokens,
+                 max_tokens, grad_checkpoint, seed, overwrite, quiet):  # fmt: skip
+    """Train the BK model on growing lengths; per-length checkpoints, results.json and summary.txt in OUT."""
+    from mlx_ltc.bk import data, train
+
+    if repo is not None and corpus is not None:
+        raise UserError("give --repo or --corpus, not both")
+    root = repo or corpus or data.default_corpus()
+    if not root.is_dir():
+        raise UserError(f"{'--repo' if repo else '--corpus'} {root}: " + ("not a directory" if root.exists()
+                        else "no such directory"))  # fmt: skip
+    if min(d_model, layers, experts, top_k, expert_hidden, channels or 1) < 1 or top_k > experts:
+        raise UserError("--d-model, --layers, --experts, --top-k, --expert-hidden and --channels must be positive, "
+                        "--top-k at most --experts")  # fmt: skip
+    if not 0 < val_share < 1:
+        raise UserError(f"--val-share must be between 0 and 1, got {val_share}")
+    model = {"d_model": d_model, "n_layers": layers, "channels": channels, "n_experts": experts, "top_k": top_k,
+             "expert_hidden": expert_hidden, "router": router}  # fmt: skip
+    opts = train.TrainOptions(seq_lens=_lengths(seq_lens), steps_per_length=steps_per_length,
+                              tokens_per_step=tokens_per_step, lr=lr, warmup_steps=warmup_steps,
+                              weight_decay=weight_decay, max_grad_norm=max_grad_norm, val_tokens=val_tokens,
+                              seed=seed, grad_checkpoint=grad_checkpoint)  # fmt: skip
+    corpus_opts = train.CorpusOptions(root=str(root.resolve()), val_share=val_share, max_tokens=max_tokens)
+    results = train.train(model, opts, corpus_opts, out, overwrite=overwrite, progress=not quiet)
+    click.echo(results["table"] + f"written: {Path(out) / 'results.json'}, {Path(out) / 'summary.txt'}")
+
+
+@bk_group.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--stream-tokens", type=click.IntRange(min=0), default=1 << 20, show_default=True,
+              help="Tokens to stream (0: the whole source).")  # fmt: skip
+@click.option("--corpus", type=click.Path(path_type=Path), default=None,
+              help="Stream this directory's source files [default: the run's val slice].")  # fmt: skip
+@click.option("--chunk", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
+@click.option("--length", "seq_len", type=int, default=None,
+              help="Evaluate the checkpoint of this training length [default: the longest finished].")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet):
+    """Stream tokens through a bk run's checkpoint with its exact carried state: NLL, memory and speed at
+    1K, 4K, 16K, ... tokens."""
+    from mlx_ltc import atomic
+    from mlx_ltc.bk import evaluate
+
+    log = lambda line: click.echo(line, err=True)
+    result = evaluate.evaluate_run(run_dir, stream_tokens, corpus, chunk, seq_len, progress=not quiet, log=log)
+    if json_out:
+        atomic.write_json(json_out, result)
+    click.echo(evaluate.table(result), nl=False)
+
+
 def main():
     from mlx_ltc import hardware
 
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval"):
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "bk"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

@@ -1,0 +1,403 @@
+"""`mlx-ltc bk train`: the BK model from scratch, on a curriculum of growing sequence lengths.
+
+Each length trains `steps_per_length` AdamW updates of max(1, tokens_per_step // length) random windows
+of the train stream (so tokens per update stay about constant), at its own warmup + cosine rate
+(`train.phases.lr_at`), with the pre-clip gradient norm, loss spikes (> 2x the running median) and
+non-finite updates (skipped) counted by `train.orchestrator.Stability`. It ends with a val loss on
+non-overlapping windows of that length and a checkpoint.
+
+The run directory: run.json (settings), data/ (the token streams), checkpoints/len-NNNNNNN/ (weights,
+optimizer, state.json with the length's results row), metrics.jsonl (one line per update attempt),
+results.json and summary.txt. A run stopped between lengths continues from its last checkpoint when
+started again with the same settings (and the same or more --seq-lens).
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_ltc import atomic
+from mlx_ltc.bk import data
+from mlx_ltc.bk.loss import tied_nll_sum
+from mlx_ltc.bk.model import BKConfig, BKModel
+from mlx_ltc.config import StabilityConfig, TrainConfig
+from mlx_ltc.errors import UserError
+from mlx_ltc.train import enable_grad_checkpoint
+from mlx_ltc.train.orchestrator import Stability
+from mlx_ltc.train.phases import Phase, lr_at
+
+__all__ = ["TrainOptions", "load_checkpoint", "summary_table", "train"]
+
+DEFAULT_SEQ_LENS = (128, 512, 2048, 8192, 32768, 131072)
+
+
+@dataclass
+class TrainOptions:
+    seq_lens: list = field(default_factory=lambda: list(DEFAULT_SEQ_LENS))
+    steps_per_length: int = 200
+    tokens_per_step: int = 32768  # a length above it trains one sequence per update
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20  # per length, at most a fifth of its steps after the first
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    val_tokens: int = 65536  # per length, at least one window
+    seed: int = 0
+    grad_checkpoint: bool = False  # recompute each block in the backward: less memory at long lengths
+    inject_nan: list = field(default_factory=list)  # fault injection: update attempts whose gradients are NaN
+
+
+@dataclass
+class CorpusOptions:
+    root: str
+    val_share: float = 0.05
+    max_tokens: int = 0  # 0: every file
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _finite(x):
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _settings(model: dict, opts: TrainOptions, corpus: CorpusOptions) -> dict:
+    return json.loads(json.dumps({"model": model, "train": asdict(opts), "corpus": asdict(corpus)}))
+
+
+def _phases(opts: TrainOptions) -> list:
+    """One `Phase` (the LoRA curriculum's unit) per length: its batch and its own LR schedule."""
+    steps = opts.steps_per_length
+    return [
+        Phase(index=i, seq_len=n, lr_mult=1.0, band=1.0, steps=steps, micro_batch=max(1, opts.tokens_per_step // n),
+              grad_accum=1, warmup=min(opts.warmup_steps, steps // 5 if i else max(steps - 1, 0)))
+        for i, n in enumerate(opts.seq_lens)
+    ]  # fmt: skip
+
+
+def check_options(opts: TrainOptions) -> None:
+    lens = opts.seq_lens
+    if not lens:
+        raise UserError("--seq-lens: give at least one length")
+    if any(n < 2 for n in lens) or lens != sorted(set(lens)):
+        raise UserError(f"--seq-lens must be increasing lengths of at least 2 tokens, got {','.join(map(str, lens))}")
+    if min(opts.steps_per_length, opts.tokens_per_step, opts.val_tokens) < 1:
+        raise UserError("--steps-per-length, --tokens-per-step and --val-tokens must be positive")
+    if not (opts.lr > 0 and opts.max_grad_norm > 0 and 0 <= opts.min_lr_ratio <= 1):
+        raise UserError("--lr and --max-grad-norm must be positive, --min-lr-ratio in [0, 1]")
+
+
+def check_corpus(corpus: data.Corpus, lens: list) -> None:
+    longest = max(lens)
+    for name, tokens in (("train", corpus.train), ("val", corpus.val)):
+        if len(tokens) < longest + 1:
+            raise UserError(
+                f"the corpus's {name} slice holds {len(tokens):,} tokens, fewer than the longest --seq-lens "
+                f"{longest:,} + 1: use shorter lengths or a larger corpus"
+            )
+
+
+# --- the run directory ---------------------------------------------------------------------------
+
+
+def _checkpoint_dir(out: Path, seq_len: int) -> Path:
+    return Path(out) / "checkpoints" / f"len-{seq_len:07d}"
+
+
+def _finished(out: Path) -> list:
+    """state.json of each complete per-length checkpoint, shortest first."""
+    root = Path(out) / "checkpoints"
+    states = []
+    for path in sorted(root.glob("len-*")) if root.is_dir() else []:
+        try:
+            states.append(json.loads((path / "state.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            break  # damaged: it and the lengths after it train again
+    return states
+
+
+def check_out(out: Path, settings: dict, overwrite: bool) -> tuple:
+    """(finished lengths' states to resume after, whether an old run is to be replaced); writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return [], False
+    if not (out / "run.json").is_file():
+        raise UserError(f"--out {out} is a non-empty directory that is not a bk run; refusing to write into it")
+    if overwrite:
+        return [], True
+    try:
+        old = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{out}/run.json is unreadable; pass --overwrite to start the run again") from None
+    differ = [f"{section}.{k}" for section in settings for k in settings[section]
+              if k != "seq_lens" and old.get(section, {}).get(k) != settings[section][k]]  # fmt: skip
+    done = _finished(out)
+    lens, old_lens = settings["train"]["seq_lens"], [s["seq_len"] for s in done]
+    if lens[: len(old_lens)] != old_lens:
+        differ.append("train.seq_lens (the finished lengths must start the list)")
+    if differ:
+        raise UserError(f"{out} holds a bk run with other settings ({', '.join(differ)}); "
+                        "choose another --out or pass --overwrite")  # fmt: skip
+    if len(done) == len(lens):
+        raise UserError(f"{out} already holds a finished run; choose another --out or pass --overwrite")
+    return done, False
+
+
+def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
+    target = _checkpoint_dir(out, state["seq_len"])
+    with atomic.replace_dir(target) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    return target
+
+
+def load_checkpoint(out: Path, seq_len: int | None = None):
+    """(model, state) of the checkpoint at seq_len (default: the longest finished length)."""
+    done = _finished(out)
+    if not done:
+        raise UserError(f"{out} holds no finished length (no checkpoints/len-*/state.json)")
+    if seq_len is None:
+        state = done[-1]
+    else:
+        state = next((s for s in done if s["seq_len"] == seq_len), None)
+        if state is None:
+            raise UserError(f"{out} has no checkpoint at length {seq_len}; it has {[s['seq_len'] for s in done]}")
+    cfg = dict(state["config"])
+    cfg["eta_init"] = tuple(cfg["eta_init"])
+    model = BKModel(BKConfig(**cfg))
+    try:
+        model.load_weights(str(_checkpoint_dir(out, state["seq_len"]) / "model.safetensors"))
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot load the checkpoint at length {state['seq_len']}: {str(e).splitlines()[0]}") from None
+    mx.eval(model.parameters())
+    model.eval()
+    return model, state
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _windows(tokens: np.ndarray, length: int, count: int, rng) -> mx.array:
+    """count random windows of `length` tokens (B, length) int32."""
+    starts = rng.integers(0, len(tokens) - length + 1, count)
+    return mx.array(tokens[starts[:, None] + np.arange(length)])
+
+
+def _mean_nll(model, batch: mx.array) -> mx.array:
+    hidden, _ = model.hidden(batch[:, :-1])
+    return tied_nll_sum(hidden, model.embed.weight, batch[:, 1:]) / (batch.shape[0] * (batch.shape[1] - 1))
+
+
+def val_loss(model, tokens: np.ndarray, length: int, max_tokens: int, batch: int) -> tuple:
+    """(mean NLL, targets) over non-overlapping windows of length + 1 tokens (each from a fresh state)."""
+    count = max(1, min(max_tokens // length, (len(tokens) - 1) // length))
+    starts = np.arange(count) * length
+    total = 0.0
+    for s in range(0, count, batch):
+        rows = mx.array(tokens[starts[s : s + batch, None] + np.arange(length + 1)])
+        hidden, _ = model.hidden(rows[:, :-1])
+        total += tied_nll_sum(hidden, model.embed.weight, rows[:, 1:]).item()
+    return total / (count * length), count * length
+
+
+class _Run:
+    def __init__(self, model, corpus: data.Corpus, opts: TrainOptions, out: Path, progress: bool):
+        self.model, self.corpus, self.opts, self.out, self.progress = model, corpus, opts, Path(out), progress
+        self.optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay, bias_correction=True)
+        self.loss_and_grad = nn.value_and_grad(model, _mean_nll)
+        self.stability = Stability(StabilityConfig(spike_limit=sys.maxsize, inject_nan=list(opts.inject_nan)))
+        self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
+        self.step = self.attempts = 0
+        self.rows = []
+
+    def resume(self, state: dict) -> None:
+        path = _checkpoint_dir(self.out, state["seq_len"])
+        self.model.load_weights(str(path / "model.safetensors"))
+        self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+        self.stability = Stability.from_dict(self.stability.cfg, state["stability"])
+        self.step, self.attempts = state["step"], state["attempts"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def _update(self, batch: mx.array, lr: float) -> tuple:
+        """(loss, pre-clip grad norm, applied?) of one update attempt."""
+        self.attempts += 1
+        loss, grads = self.loss_and_grad(self.model, batch)
+        if self.attempts in self.stability.cfg.inject_nan:
+            grads = tree_map(lambda g: g * math.nan, grads)
+        grads, norm = optim.clip_grad_norm(grads, self.opts.max_grad_norm)
+        loss, norm = loss.item(), norm.item()
+        apply, events = self.stability.check(self.step + 1, loss, norm, batch.shape[1] - 1)
+        if any(e.kind == "unstable" for e in events):
+            raise UserError(f"training diverged at update {self.step + 1}: {events[-1].reason}; lower --lr "
+                            f"(the finished lengths' checkpoints are in {self.out / 'checkpoints'})")  # fmt: skip
+        if apply:
+            self.optimizer.learning_rate = lr
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.parameters(), self.optimizer.state)
+            self.step += 1
+        return loss, norm, apply, [e.kind for e in events]
+
+    def length(self, phase: Phase, metrics) -> dict:
+        from tqdm import tqdm
+
+        n, batch = phase.seq_len, phase.micro_batch
+        rng = np.random.default_rng([self.opts.seed, n])
+        losses, tokens, train_s = [], 0, 0.0
+        mx.synchronize()
+        mx.reset_peak_memory()
+        bar = tqdm(total=phase.steps, desc=f"bk L={n:,}", unit="step", disable=None if self.progress else True,
+                   dynamic_ncols=True)  # fmt: skip
+        with bar:
+            for i in range(phase.steps):
+                started = time.perf_counter()
+                lr = lr_at(self.schedule, phase, i)
+                loss, norm, applied, events = self._update(_windows(self.corpus.train, n + 1, batch, rng), lr)
+                train_s += time.perf_counter() - started
+                if applied:
+                    losses.append(loss)
+                    tokens += batch * n
+                line = {"step": self.step, "attempt": self.attempts, "seq_len": n, "length_step": i + 1,
+                        "batch": batch, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(norm),
+                        "applied": applied, "events": events, "tokens": tokens,
+                        "tokens_per_s": tokens / max(train_s, 1e-9),
+                        "peak_bytes": int(mx.get_peak_memory())}  # fmt: skip
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{line['tokens_per_s']:.0f}",
+                                mem=f"{line['peak_bytes'] / 2**30:.2f}GB")  # fmt: skip
+                bar.update(1)
+        peak = int(mx.get_peak_memory())
+        self.model.eval()
+        v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch)
+        self.model.train()
+        per_length = self.stability.state.by_length.get(str(n))
+        grad = per_length["grad"] if per_length else None
+        tail = losses[-max(1, len(losses) // 10) :]
+        return {
+            "seq_len": n,
+            "batch": batch,
+            "steps": len(losses),
+            "tokens": tokens,
+            "final_train_loss": _finite(float(np.mean(tail))) if losses else None,  # mean of the last 10%
+            "val_loss": _finite(v_loss),
+            "val_ppl": _finite(math.exp(v_loss)) if v_loss < 700 else None,
+            "val_tokens": v_tokens,
+            "spikes": per_length["spikes"] if per_length else 0,
+            "nonfinite": per_length["skipped"] if per_length else 0,
+            "grad_norm_mean": _finite(grad.mean) if grad and grad.n else None,
+            "grad_norm_std": _finite(grad.std) if grad and grad.n else None,
+            "grad_norm_min": _finite(grad.min) if grad and grad.n else None,
+            "grad_norm_max": _finite(grad.max) if grad and grad.n else None,
+            "tokens_per_s": tokens / max(train_s, 1e-9),
+            "peak_bytes": peak,
+            "seconds": train_s,
+        }
+
+
+def _keep_metrics(path: Path, lengths: set) -> None:
+    """Cut metrics.jsonl back to the finished lengths' lines (an interrupted length starts again)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:  # the line a kill cut short
+            break
+        if row["seq_len"] in lengths:
+            kept.append(row)
+    atomic.write_jsonl(path, kept)
+
+
+def _fmt(x, spec):
+    return format(x, spec) if x is not None else "-"
+
+
+def summary_table(rows: list) -> str:
+    """The design's table: length, final (val) perplexity, spikes, grad norm mean +- std."""
+    lines = [f"{'length':>8} {'final ppl':>10} {'spikes':>6} {'non-finite':>10} {'grad norm mean ± std':>22} "
+             f"{'tokens/s':>9} {'peak GB':>8}"]  # fmt: skip
+    for r in rows:
+        grad = f"{_fmt(r['grad_norm_mean'], '.3f')} ± {_fmt(r['grad_norm_std'], '.3f')}"
+        lines.append(f"{r['seq_len']:>8,} {_fmt(r['val_ppl'], '.3f'):>10} {r['spikes']:>6} {r['nonfinite']:>10} "
+                     f"{grad:>22} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**30:>8.2f}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _write_results(out: Path, settings: dict, rows: list, started: float) -> str:
+    table = summary_table(rows)
+    results = {**settings, "lengths": rows, "nonfinite": sum(r["nonfinite"] for r in rows),
+               "spikes": sum(r["spikes"] for r in rows), "wall_s": time.perf_counter() - started}  # fmt: skip
+    atomic.write_json(out / "results.json", results)
+    atomic.write_text(out / "summary.txt", table)
+    return table
+
+
+def train(
+    model: dict, opts: TrainOptions, corpus_opts: CorpusOptions, out: Path, overwrite: bool = False,
+    progress: bool = True, log=_log, cache_dir=None,
+) -> dict:  # fmt: skip
+    """Run (or continue) the curriculum. `model`: BKConfig fields but the vocabulary (the tokenizer's).
+    Returns results.json's content, with the summary table as "table"."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_options(opts)
+    settings = _settings(model, opts, corpus_opts)
+    done, replace = check_out(out, settings, overwrite)
+    if done:
+        corpus = data.load(out / "data")
+        log(f"resuming {out}: lengths {', '.join(str(s['seq_len']) for s in done)} are finished")
+    else:
+        corpus = data.tokenize(Path(corpus_opts.root), data.load_tokenizer(cache_dir), corpus_opts.val_share,
+                               corpus_opts.max_tokens, log)  # fmt: skip
+    check_corpus(corpus, opts.seq_lens)
+    model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **model)
+    if not done:
+        if replace:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        data.save(corpus, out / "data")
+        atomic.write_json(out / "run.json", settings)
+        atomic.write_text(out / "metrics.jsonl", "")
+
+    mx.random.seed(opts.seed)
+    net = BKModel(model_cfg)
+    if opts.grad_checkpoint:
+        enable_grad_checkpoint(net)
+    mx.eval(net.parameters())
+    run = _Run(net, corpus, opts, out, progress)
+    if done:
+        run.resume(done[-1])
+        _keep_metrics(out / "metrics.jsonl", {s["seq_len"] for s in done})
+    run.rows = [s["row"] for s in done]
+    n_params = sum(p.size for _, p in tree_flatten(net.parameters()))
+    log(f"model: BK core, {n_params:,} parameters, d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
+        f"vocabulary {model_cfg.vocab_size:,}")  # fmt: skip
+
+    net.train()
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        for phase in _phases(opts)[len(done) :]:
+            row = run.length(phase, metrics)
+            run.rows.append(row)
+            state = {"seq_len": phase.seq_len, "index": phase.index, "step": run.step, "attempts": run.attempts,
+                     "config": asdict(model_cfg), "row": row, "stability": run.stability.to_dict()}  # fmt: skip
+            save_checkpoint(out, net, run.optimizer, state)
+            _write_results(out, settings, run.rows, started)
+            log(f"length {phase.seq_len:,}: {row['steps']} updates of {phase.micro_batch} x {phase.seq_len:,} tokens, "
+                f"train loss {_fmt(row['final_train_loss'], '.4f')}, val ppl {_fmt(row['val_ppl'], '.3f')}, "
+                f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_bytes'] / 2**30:.2f} GB")  # fmt: skip
+    table = _write_results(out, settings, run.rows, started)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    return {**results, "table": table}
