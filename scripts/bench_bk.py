@@ -7,7 +7,7 @@ side by side in one run; and time and memory per token vs length, the O(N) claim
         [--lens 1024,...] [--chunk 4096] [--memory-limit-gb N] [--max-seconds 300] [--grad-checkpoint]
         [--no-head] [--json OUT]
 
---compare trains each model through the lengths exactly as `mlx-ltc bk train` does (its `_Run`: the same
+--compare trains each model through the lengths exactly as `mlx-ltc bk train` does (its `LengthRun`: the same
 windows of the same token stream, AdamW with warmup + cosine per length, clipping, the chunked tied-head
 loss) and prints, as each finishes, per model and length: train loss (mean of the last 10% of steps), val
 loss, tokens/s and peak memory, with ratios to BK. The corpus (default: this interpreter's standard library)
@@ -47,7 +47,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_ltc.bk import BKConfig, BKModel, data
 from mlx_ltc.bk.evaluate import chunk_nll
-from mlx_ltc.bk.train import TrainOptions, _mean_nll, _phases, _Run, check_corpus  # `bk train`'s own procedure
+from mlx_ltc.bk.train import LengthRun, TrainOptions, check_corpus, length_phases, mean_nll  # `bk train`'s own steps
 from mlx_ltc.train import enable_grad_checkpoint
 
 MODELS = ("bk", "transformer", "mamba")
@@ -162,9 +162,9 @@ def compare(args, bk_cfg: BKConfig) -> dict:
         mx.eval(net.parameters())
         configs[kind] = {"params": n_params(net), "config": cfg}
         print(describe(kind, net, cfg), flush=True)
-        run = _Run(net, corpus, opts, Path("."), progress=not args.quiet)
+        run = LengthRun(net, corpus, opts, Path("."), progress=not args.quiet)
         net.train()
-        for phase in _phases(opts):
+        for phase in length_phases(opts):
             rows.append({"model": kind, **run.length(phase, io.StringIO())})
             print(row_line(rows[-1], rows), flush=True)
         del net, run
@@ -202,7 +202,7 @@ def hidden_sum(model, batch):
 
 
 def train_points(net, lens, vocab, args, rng) -> list:
-    loss_and_grad = nn.value_and_grad(net, hidden_sum if args.no_head else _mean_nll)
+    loss_and_grad = nn.value_and_grad(net, hidden_sum if args.no_head else mean_nll)
     grad_bytes = sum(p.nbytes for _, p in tree_flatten(net.trainable_parameters()))
     points = []
     for n in lens:
@@ -282,7 +282,7 @@ def scaling(args, bk_cfg: BKConfig) -> dict:
     rng = np.random.default_rng(args.seed)
     lens = args.lens or doubling(1024, args.max_len)
     net.train()
-    mx.eval(nn.value_and_grad(net, _mean_nll)(net, mx.zeros((1, min(lens[0], 256) + 1), dtype=mx.int32)))  # warm-up
+    mx.eval(nn.value_and_grad(net, mean_nll)(net, mx.zeros((1, min(lens[0], 256) + 1), dtype=mx.int32)))  # warm-up
     print(f"training step, batch 1, {'no head' if args.no_head else 'with the head'} (best of {args.repeats}):")
     train = train_points(net, lens, bk_cfg.vocab_size, args, rng)
     train_ratio = summary(train, "train", per_token_memory=True)

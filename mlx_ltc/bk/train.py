@@ -76,7 +76,7 @@ def _settings(model: dict, opts: TrainOptions, corpus: CorpusOptions) -> dict:
     return json.loads(json.dumps({"model": model, "train": asdict(opts), "corpus": asdict(corpus)}))
 
 
-def _phases(opts: TrainOptions) -> list:
+def length_phases(opts: TrainOptions) -> list:
     """One `Phase` (the LoRA curriculum's unit) per length: its batch and its own LR schedule."""
     steps = opts.steps_per_length
     return [
@@ -197,7 +197,7 @@ def _windows(tokens: np.ndarray, length: int, count: int, rng) -> mx.array:
     return mx.array(tokens[starts[:, None] + np.arange(length)])
 
 
-def _mean_nll(model, batch: mx.array) -> mx.array:
+def mean_nll(model, batch: mx.array) -> mx.array:
     hidden, _ = model.hidden(batch[:, :-1])
     return tied_nll_sum(hidden, model.embed.weight, batch[:, 1:]) / (batch.shape[0] * (batch.shape[1] - 1))
 
@@ -214,11 +214,14 @@ def val_loss(model, tokens: np.ndarray, length: int, max_tokens: int, batch: int
     return total / (count * length), count * length
 
 
-class _Run:
+class LengthRun:
+    """One model through the length curriculum: windows, AdamW with per-length warmup + cosine, clipping,
+    stability counts; shared by `bk train` and scripts/bench_bk.py."""
+
     def __init__(self, model, corpus: data.Corpus, opts: TrainOptions, out: Path, progress: bool):
         self.model, self.corpus, self.opts, self.out, self.progress = model, corpus, opts, Path(out), progress
         self.optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay, bias_correction=True)
-        self.loss_and_grad = nn.value_and_grad(model, _mean_nll)
+        self.loss_and_grad = nn.value_and_grad(model, mean_nll)
         self.stability = Stability(StabilityConfig(spike_limit=sys.maxsize, inject_nan=list(opts.inject_nan)))
         self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
         self.step = self.attempts = 0
@@ -377,7 +380,7 @@ def train(
     if opts.grad_checkpoint:
         enable_grad_checkpoint(net)
     mx.eval(net.parameters())
-    run = _Run(net, corpus, opts, out, progress)
+    run = LengthRun(net, corpus, opts, out, progress)
     if done:
         run.resume(done[-1])
         _keep_metrics(out / "metrics.jsonl", {s["seq_len"] for s in done})
@@ -388,7 +391,7 @@ def train(
 
     net.train()
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
-        for phase in _phases(opts)[len(done) :]:
+        for phase in length_phases(opts)[len(done) :]:
             row = run.length(phase, metrics)
             run.rows.append(row)
             state = {"seq_len": phase.seq_len, "index": phase.index, "step": run.step, "attempts": run.attempts,
