@@ -78,6 +78,27 @@ def test_tied_head_loss_matches_full_logits():
     assert mx.abs(per_token - nn.losses.cross_entropy(hidden[0] @ weight.T, targets[0])).max().item() < 1e-5
 
 
+def test_tied_head_loss_memory_does_not_grow_with_length():
+    """Value and gradients of the chunked loss keep a bounded number of (rows x V) blocks alive: 4x the
+    positions must not raise the peak (it did, one block per chunk, before the chunks were chained)."""
+    rng = np.random.default_rng(1)
+    weight = mx.array(rng.normal(size=(8192, 32)).astype(np.float32))
+
+    def peak(n):
+        hidden = mx.array(rng.normal(size=(1, n, 32)).astype(np.float32))
+        targets = mx.array(rng.integers(0, 8192, (1, n)).astype(np.int32))
+        mx.eval(hidden, targets, weight)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mx.value_and_grad(lambda h, w: tied_nll_sum(h, w, targets, rows=64), (0, 1))(hidden, weight))
+        return mx.get_peak_memory() - base
+
+    peak(256)  # warm-up
+    short, long = peak(2048), peak(8192)
+    assert long < 1.15 * short, (short, long)
+
+
 def test_train_writes_results_checkpoints_and_metrics(tiny_run):
     out, proc = tiny_run
     results = json.loads((out / "results.json").read_text())

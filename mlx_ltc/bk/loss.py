@@ -40,7 +40,7 @@ def tied_nll_sum(hidden: mx.array, weight: mx.array, targets: mx.array, rows: in
         (h, w), cotangent, lse = primals, cotangents[0], outputs[1]  # the row logsumexps save an exp pass
         d_hidden, d_weight = [], mx.zeros(w.shape, dtype=mx.float32)
         for s, e in spans:
-            hs = mx.depends(h[s:e], d_weight)
+            hs = mx.depends(h[s:e], [d_weight, *d_hidden[-1:]])
             probs = mx.exp((hs @ w.T).astype(mx.float32) - lse[s:e, None])
             d_logits = (probs - (mx.arange(probs.shape[-1]) == t[s:e, None])) * cotangent
             d_hidden.append((d_logits @ w).astype(h.dtype))
