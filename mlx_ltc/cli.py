@@ -346,12 +346,15 @@ def _lengths(text: str) -> list:
 @click.option("--val-tokens", type=int, default=65536, show_default=True, help="Val tokens scored at each length.")
 @click.option("--max-tokens", type=int, default=0, help="Tokenize files until this many tokens [default: all].")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward (less memory).")
+@click.option("--train-chunk", type=int, default=8192, show_default=True,
+              help="Longer sequences train a chunk at a time through the carried state: memory independent of "
+              "length (0: whole sequences).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bk run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step, d_model, layers, channels, experts,
                  top_k, expert_hidden, router, lr, warmup_steps, weight_decay, max_grad_norm, val_share, val_tokens,
-                 max_tokens, grad_checkpoint, seed, overwrite, quiet):  # fmt: skip
+                 max_tokens, grad_checkpoint, train_chunk, seed, overwrite, quiet):  # fmt: skip
     """Train the BK model on growing lengths; per-length checkpoints, results.json and summary.txt in OUT."""
     from mlx_ltc.bk import data, train
 
@@ -371,7 +374,7 @@ def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step,
     opts = train.TrainOptions(seq_lens=_lengths(seq_lens), steps_per_length=steps_per_length,
                               tokens_per_step=tokens_per_step, lr=lr, warmup_steps=warmup_steps,
                               weight_decay=weight_decay, max_grad_norm=max_grad_norm, val_tokens=val_tokens,
-                              seed=seed, grad_checkpoint=grad_checkpoint)  # fmt: skip
+                              seed=seed, grad_checkpoint=grad_checkpoint, train_chunk=train_chunk)  # fmt: skip
     corpus_opts = train.CorpusOptions(root=str(root.resolve()), val_share=val_share, max_tokens=max_tokens)
     results = train.train(model, opts, corpus_opts, out, overwrite=overwrite, progress=not quiet)
     click.echo(results["table"] + f"written: {Path(out) / 'results.json'}, {Path(out) / 'summary.txt'}")

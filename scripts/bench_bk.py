@@ -4,8 +4,8 @@ side by side in one run; and time and memory per token vs length, the O(N) claim
     python scripts/bench_bk.py --compare [--lens 128,512,2048] [--steps 20] [--tokens-per-step 4096]
         [--d-model 256] [--layers 4] [--corpus DIR] [--max-tokens 2000000] [--json OUT]
     python scripts/bench_bk.py --scaling [--model bk|transformer|mamba] [--max-len 131072] [--eval-max 1048576]
-        [--lens 1024,...] [--chunk 4096] [--memory-limit-gb N] [--max-seconds 300] [--grad-checkpoint]
-        [--no-head] [--json OUT]
+        [--lens 1024,...] [--chunk 4096] [--train-chunk 8192] [--memory-limit-gb N] [--max-seconds 300]
+        [--grad-checkpoint] [--no-head] [--json OUT]
 
 --compare trains each model through the lengths exactly as `mlx-ltc bk train` does (its `LengthRun`: the same
 windows of the same token stream, AdamW with warmup + cosine per length, clipping, the chunked tied-head
@@ -16,13 +16,15 @@ width, so the tied 49,152 x d embedding, most of the parameters, is the same; th
 size are searched to match BK's total count (BK's MoE counts all experts, though only top-k run per token).
 
 --scaling, for one model: one training step (forward + backward, batch 1) at lengths doubling from 1K (or
---lens) to --max-len, then one stream of random tokens fed --chunk at a time with the carried state (BK: its
-LayerState; transformer: mlx-lm's KV cache; Mamba: its conv/SSM cache) to --eval-max. Per length: time/token
-and memory; then longest/shortest ratios (1.0: linear time, linear activation memory, constant stream
-memory). A length whose time or peak, extrapolated from the lengths before it (at least linearly), would pass
---max-seconds or --memory-limit-gb is reported as skipped, with every length after it. --no-head trains
-on the sum of the hidden states instead: the model alone, without the 49K-entry head, whose logits take most
-of a step's memory (the chunked loss's spans are all alive at once inside one lazy graph).
+--lens) to --max-len (BK: `bk train`'s step, which takes sequences over --train-chunk positions a chunk at a
+time through the carried state), then one stream of random tokens fed --chunk at a time with the carried
+state (BK: its LayerState; transformer: mlx-lm's KV cache; Mamba: its conv/SSM cache) to --eval-max. Per
+length: time/token and memory; then longest/shortest ratios (1.0: linear time, linear activation memory,
+constant stream memory). A length whose time or peak, extrapolated from the lengths before it (at least
+linearly), would pass --max-seconds or --memory-limit-gb is reported as skipped, with every length after it.
+--no-head trains on the sum of the hidden states instead: the model alone, without the 49K-entry head,
+whose chunked logits add a constant (~1 GB at width 256: the few 512 x 49,152 blocks MLX keeps in flight)
+to every step's peak.
 
 Honest notes: mlx-lm's transformer attends with mx.fast.scaled_dot_product_attention, quadratic in time (and,
 on CPU, in memory: the scores are materialised). mlx-lm's Mamba runs its selective scan as a Python loop over
@@ -47,7 +49,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_ltc.bk import BKConfig, BKModel, data
 from mlx_ltc.bk.evaluate import chunk_nll
-from mlx_ltc.bk.train import LengthRun, TrainOptions, check_corpus, length_phases, mean_nll  # `bk train`'s own steps
+from mlx_ltc.bk import chunked
+from mlx_ltc.bk.chunked import mean_nll
+from mlx_ltc.bk.train import LengthRun, TrainOptions, check_corpus, length_phases  # `bk train`'s own steps
 from mlx_ltc.train import enable_grad_checkpoint
 
 MODELS = ("bk", "transformer", "mamba")
@@ -202,7 +206,12 @@ def hidden_sum(model, batch):
 
 
 def train_points(net, lens, vocab, args, rng) -> list:
-    loss_and_grad = nn.value_and_grad(net, hidden_sum if args.no_head else mean_nll)
+    if args.no_head:
+        loss_and_grad = nn.value_and_grad(net, hidden_sum)
+    elif isinstance(net, BKModel):
+        loss_and_grad = chunked.value_and_grad(net, args.train_chunk)  # bk train's step
+    else:
+        loss_and_grad = nn.value_and_grad(net, mean_nll)
     grad_bytes = sum(p.nbytes for _, p in tree_flatten(net.trainable_parameters()))
     points = []
     for n in lens:
@@ -324,6 +333,12 @@ def main():
     p.add_argument("--chunk", type=int, default=4096, help="--scaling: stream chunk")
     p.add_argument("--repeats", type=int, default=2, help="--scaling: training steps per length (best counts)")
     p.add_argument("--grad-checkpoint", action="store_true", help="--scaling: recompute each block in the backward")
+    p.add_argument(
+        "--train-chunk",
+        type=int,
+        default=8192,
+        help="--scaling, bk: longer steps go a chunk at a time through the carried state (0: one graph)",
+    )
     p.add_argument("--no-head", action="store_true", help="--scaling: train steps without the head and loss")
     p.add_argument("--memory-limit-gb", type=float, default=None, help="skip beyond this estimate [60%% of RAM]")
     p.add_argument("--max-seconds", type=float, default=300.0, help="skip a length estimated to take longer")

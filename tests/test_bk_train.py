@@ -24,6 +24,7 @@ from mlx_ltc.errors import UserError
 TINY_MODEL = ("--d-model", "32", "--layers", "1", "--channels", "8", "--experts", "2", "--top-k", "1",
               "--expert-hidden", "32")  # fmt: skip
 TINY_RUN = ("--seq-lens", "32,64", "--steps-per-length", "3", "--tokens-per-step", "128", "--val-tokens", "256",
+            "--train-chunk", "48",  # length 64 trains in two chunks
             *TINY_MODEL, "--quiet")  # fmt: skip
 ROW_KEYS = {"seq_len", "steps", "tokens", "final_train_loss", "val_loss", "val_ppl", "spikes", "nonfinite",
             "grad_norm_mean", "grad_norm_std", "grad_norm_min", "grad_norm_max", "tokens_per_s", "peak_bytes",

@@ -3,8 +3,10 @@
 Each length trains `steps_per_length` AdamW updates of max(1, tokens_per_step // length) random windows
 of the train stream (so tokens per update stay about constant), at its own warmup + cosine rate
 (`train.phases.lr_at`), with the pre-clip gradient norm, loss spikes (> 2x the running median) and
-non-finite updates (skipped) counted by `train.orchestrator.Stability`. It ends with a val loss on
-non-overlapping windows of that length and a checkpoint.
+non-finite updates (skipped) counted by `train.orchestrator.Stability`. Sequences longer than `train_chunk`
+go through forward and backward a chunk at a time with the carried state (`bk.chunked`), so memory does
+not grow with length. Each length ends with a val loss on non-overlapping windows of that length and a
+checkpoint.
 
 The run directory: run.json (settings), data/ (the token streams), checkpoints/len-NNNNNNN/ (weights,
 optimizer, state.json with the length's results row), metrics.jsonl (one line per update attempt),
@@ -21,14 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_ltc import atomic
-from mlx_ltc.bk import data
-from mlx_ltc.bk.loss import tied_nll_sum
+from mlx_ltc.bk import chunked, data
 from mlx_ltc.bk.model import BKConfig, BKModel
 from mlx_ltc.config import StabilityConfig, TrainConfig
 from mlx_ltc.errors import UserError
@@ -54,6 +54,7 @@ class TrainOptions:
     val_tokens: int = 65536  # per length, at least one window
     seed: int = 0
     grad_checkpoint: bool = False  # recompute each block in the backward: less memory at long lengths
+    train_chunk: int = 8192  # longer sequences go through forward/backward a chunk at a time (0: never)
     inject_nan: list = field(default_factory=list)  # fault injection: update attempts whose gradients are NaN
 
 
@@ -94,6 +95,8 @@ def check_options(opts: TrainOptions) -> None:
         raise UserError(f"--seq-lens must be increasing lengths of at least 2 tokens, got {','.join(map(str, lens))}")
     if min(opts.steps_per_length, opts.tokens_per_step, opts.val_tokens) < 1:
         raise UserError("--steps-per-length, --tokens-per-step and --val-tokens must be positive")
+    if opts.train_chunk < 0:
+        raise UserError(f"--train-chunk must be 0 (whole sequences) or positive, got {opts.train_chunk}")
     if not (opts.lr > 0 and opts.max_grad_norm > 0 and 0 <= opts.min_lr_ratio <= 1):
         raise UserError("--lr and --max-grad-norm must be positive, --min-lr-ratio in [0, 1]")
 
@@ -197,20 +200,13 @@ def _windows(tokens: np.ndarray, length: int, count: int, rng) -> mx.array:
     return mx.array(tokens[starts[:, None] + np.arange(length)])
 
 
-def mean_nll(model, batch: mx.array) -> mx.array:
-    hidden, _ = model.hidden(batch[:, :-1])
-    return tied_nll_sum(hidden, model.embed.weight, batch[:, 1:]) / (batch.shape[0] * (batch.shape[1] - 1))
-
-
-def val_loss(model, tokens: np.ndarray, length: int, max_tokens: int, batch: int) -> tuple:
+def val_loss(model, tokens: np.ndarray, length: int, max_tokens: int, batch: int, chunk: int = 0) -> tuple:
     """(mean NLL, targets) over non-overlapping windows of length + 1 tokens (each from a fresh state)."""
     count = max(1, min(max_tokens // length, (len(tokens) - 1) // length))
     starts = np.arange(count) * length
     total = 0.0
     for s in range(0, count, batch):
-        rows = mx.array(tokens[starts[s : s + batch, None] + np.arange(length + 1)])
-        hidden, _ = model.hidden(rows[:, :-1])
-        total += tied_nll_sum(hidden, model.embed.weight, rows[:, 1:]).item()
+        total += chunked.nll_sum(model, mx.array(tokens[starts[s : s + batch, None] + np.arange(length + 1)]), chunk)
     return total / (count * length), count * length
 
 
@@ -221,7 +217,7 @@ class LengthRun:
     def __init__(self, model, corpus: data.Corpus, opts: TrainOptions, out: Path, progress: bool):
         self.model, self.corpus, self.opts, self.out, self.progress = model, corpus, opts, Path(out), progress
         self.optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay, bias_correction=True)
-        self.loss_and_grad = nn.value_and_grad(model, mean_nll)
+        self.loss_and_grad = chunked.value_and_grad(model, opts.train_chunk)
         self.stability = Stability(StabilityConfig(spike_limit=sys.maxsize, inject_nan=list(opts.inject_nan)))
         self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
         self.step = self.attempts = 0
@@ -285,7 +281,7 @@ class LengthRun:
                 bar.update(1)
         peak = int(mx.get_peak_memory())
         self.model.eval()
-        v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch)
+        v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch, self.opts.train_chunk)
         self.model.train()
         per_length = self.stability.state.by_length.get(str(n))
         grad = per_length["grad"] if per_length else None
