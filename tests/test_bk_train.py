@@ -4,6 +4,10 @@ import gc
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -195,6 +199,40 @@ def test_resume_trains_only_the_new_lengths(tiny_run, corpus, tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 10))
     again = invoke("bk", "train", "--corpus", corpus, "--out", out, *args)
     assert_one_line_error(again, "already holds a finished run")
+
+
+def test_ctrl_c_inside_a_length_saves_and_the_run_continues_exactly(cache_dir, corpus, tmp_path):
+    args = ("--corpus", corpus, "--seq-lens", "32,64", "--steps-per-length", "12", "--tokens-per-step", "64",
+            "--val-tokens", "128", "--train-chunk", "48", *TINY_MODEL, "--quiet")  # fmt: skip
+    straight = run_cli("bk", "train", "--out", tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_ltc", "bk", "train", "--out", str(out), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 15):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # inside length 64, whose 12 updates follow length 32's
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: saved length 64 after update" in stderr and (out / "checkpoints" / "partial").is_dir()
+    assert not (out / "checkpoints" / "len-0000064").exists()
+    resumed = run_cli("bk", "train", "--out", out, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "length 64 continues after update" in resumed.stderr
+    assert not (out / "checkpoints" / "partial").exists()
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["seq_len"], r["length_step"], r["loss"], r["grad_norm"], r["tokens"]) for r in rows]
+
+    assert losses(out) == losses(tmp_path / "straight") and len(losses(out)) == 24
+    got, want = (json.loads((run / "results.json").read_text())["lengths"] for run in (out, tmp_path / "straight"))
+    for g, w in zip(got, want):
+        for key in ("steps", "tokens", "final_train_loss", "val_loss", "grad_norm_mean", "grad_norm_std"):
+            assert g[key] == w[key], key
+    a, b = (dict(tree_flatten(load_checkpoint(run)[0].parameters())) for run in (out, tmp_path / "straight"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in b)
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_a_diverging_run(cache_dir, corpus, tmp_path):

@@ -10,15 +10,19 @@ checkpoint.
 
 The run directory: run.json (settings), data/ (the token streams), checkpoints/len-NNNNNNN/ (weights,
 optimizer, state.json with the length's results row), metrics.jsonl (one line per update attempt),
-results.json and summary.txt. A run stopped between lengths continues from its last checkpoint when
-started again with the same settings (and the same or more --seq-lens).
+results.json and summary.txt. Ctrl-C saves checkpoints/partial/ after the current update (the length's
+position, its window sampler and running stats too). Started again with the same settings (and the same
+or more --seq-lens), a run continues from its partial or last checkpoint, with the updates it would have
+made.
 """
 
 import json
 import math
 import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from mlx_ltc import atomic
 from mlx_ltc.bk import chunked, data
 from mlx_ltc.bk.model import BKConfig, BKModel
 from mlx_ltc.config import StabilityConfig, TrainConfig
-from mlx_ltc.errors import UserError
+from mlx_ltc.errors import Interrupted, UserError
 from mlx_ltc.train import enable_grad_checkpoint
 from mlx_ltc.train.orchestrator import Stability
 from mlx_ltc.train.phases import Phase, lr_at
@@ -118,6 +122,19 @@ def _checkpoint_dir(out: Path, seq_len: int) -> Path:
     return Path(out) / "checkpoints" / f"len-{seq_len:07d}"
 
 
+def _partial_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints" / "partial"
+
+
+def _partial(out: Path, seq_len: int) -> dict | None:
+    """state.json of a Ctrl-C checkpoint inside the length to train next (None: none, damaged or stale)."""
+    try:
+        state = json.loads((_partial_dir(out) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if state.get("seq_len") == seq_len else None
+
+
 def _finished(out: Path) -> list:
     """state.json of each complete per-length checkpoint, shortest first."""
     root = Path(out) / "checkpoints"
@@ -159,8 +176,8 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> tuple:
     return done, False
 
 
-def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
-    target = _checkpoint_dir(out, state["seq_len"])
+def save_checkpoint(out: Path, model, optimizer, state: dict, target: Path | None = None) -> Path:
+    target = target or _checkpoint_dir(out, state["seq_len"])
     with atomic.replace_dir(target) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
@@ -222,9 +239,10 @@ class LengthRun:
         self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
         self.step = self.attempts = 0
         self.rows = []
+        self.stop_requested = False  # set by bk train's Ctrl-C handler: save after this update
 
-    def resume(self, state: dict) -> None:
-        path = _checkpoint_dir(self.out, state["seq_len"])
+    def resume(self, state: dict, path: Path | None = None) -> None:
+        path = path or _checkpoint_dir(self.out, state["seq_len"])
         self.model.load_weights(str(path / "model.safetensors"))
         self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
         self.stability = Stability.from_dict(self.stability.cfg, state["stability"])
@@ -250,18 +268,29 @@ class LengthRun:
             self.step += 1
         return loss, norm, apply, [e.kind for e in events]
 
-    def length(self, phase: Phase, metrics) -> dict:
+    def _save_partial(self, phase: Phase, done: int, rng, losses: list, tokens: int, train_s: float) -> None:
+        state = {"seq_len": phase.seq_len, "index": phase.index, "length_step": done, "step": self.step,
+                 "attempts": self.attempts, "stability": self.stability.to_dict(), "rng": rng.bit_generator.state,
+                 "losses": losses, "tokens": tokens, "train_s": train_s}  # fmt: skip
+        save_checkpoint(self.out, self.model, self.optimizer, state, _partial_dir(self.out))
+
+    def length(self, phase: Phase, metrics, partial: dict | None = None) -> dict:
+        """Train one length (from a Ctrl-C checkpoint's position when given) and score its val loss."""
         from tqdm import tqdm
 
         n, batch = phase.seq_len, phase.micro_batch
         rng = np.random.default_rng([self.opts.seed, n])
-        losses, tokens, train_s = [], 0, 0.0
+        losses, tokens, train_s, first = [], 0, 0.0, 0
+        if partial:
+            rng.bit_generator.state = partial["rng"]
+            losses, tokens, train_s = partial["losses"], partial["tokens"], partial["train_s"]
+            first = partial["length_step"]
         mx.synchronize()
         mx.reset_peak_memory()
-        bar = tqdm(total=phase.steps, desc=f"bk L={n:,}", unit="step", disable=None if self.progress else True,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(total=phase.steps, initial=first, desc=f"bk L={n:,}", unit="step",
+                   disable=None if self.progress else True, dynamic_ncols=True)  # fmt: skip
         with bar:
-            for i in range(phase.steps):
+            for i in range(first, phase.steps):
                 started = time.perf_counter()
                 lr = lr_at(self.schedule, phase, i)
                 loss, norm, applied, events = self._update(_windows(self.corpus.train, n + 1, batch, rng), lr)
@@ -279,6 +308,10 @@ class LengthRun:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{line['tokens_per_s']:.0f}",
                                 mem=f"{line['peak_bytes'] / 2**30:.2f}GB")  # fmt: skip
                 bar.update(1)
+                if self.stop_requested and i + 1 < phase.steps:
+                    self._save_partial(phase, i + 1, rng, losses, tokens, train_s)
+                    raise Interrupted(f"interrupted: saved length {n:,} after update {i + 1} of {phase.steps} in "
+                                      f"{_partial_dir(self.out)}; run the same command again to continue")  # fmt: skip
         peak = int(mx.get_peak_memory())
         self.model.eval()
         v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch, self.opts.train_chunk)
@@ -307,17 +340,39 @@ class LengthRun:
         }
 
 
-def _keep_metrics(path: Path, lengths: set) -> None:
-    """Cut metrics.jsonl back to the finished lengths' lines (an interrupted length starts again)."""
+def _keep_metrics(path: Path, lengths: set, partial: dict | None = None) -> None:
+    """Cut metrics.jsonl back to the finished lengths' lines and those of a partial length's saved updates."""
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         try:
             row = json.loads(line)
         except ValueError:  # the line a kill cut short
             break
-        if row["seq_len"] in lengths:
+        saved = partial and row["seq_len"] == partial["seq_len"] and row["length_step"] <= partial["length_step"]
+        if row["seq_len"] in lengths or saved:
             kept.append(row)
     atomic.write_jsonl(path, kept)
+
+
+@contextmanager
+def _ctrl_c_saves(run: LengthRun, log):
+    """The first Ctrl-C asks the run to save after its current update; a second one aborts."""
+
+    def on_sigint(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        log("Ctrl-C: saving after this update (press again to abort without saving)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Ctrl-C stays Python's
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _fmt(x, spec):
@@ -355,15 +410,18 @@ def train(
     check_options(opts)
     settings = _settings(model, opts, corpus_opts)
     done, replace = check_out(out, settings, overwrite)
-    if done:
+    partial = None if replace else _partial(out, opts.seq_lens[len(done)])
+    if done or partial:
         corpus = data.load(out / "data")
-        log(f"resuming {out}: lengths {', '.join(str(s['seq_len']) for s in done)} are finished")
+        finished = ", ".join(str(s["seq_len"]) for s in done) or "none"
+        inside = f"; length {partial['seq_len']:,} continues after update {partial['length_step']}" if partial else ""
+        log(f"resuming {out}: finished lengths: {finished}{inside}")
     else:
         corpus = data.tokenize(Path(corpus_opts.root), data.load_tokenizer(cache_dir), corpus_opts.val_share,
                                corpus_opts.max_tokens, log)  # fmt: skip
     check_corpus(corpus, opts.seq_lens)
     model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **model)
-    if not done:
+    if not (done or partial):
         if replace:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -377,22 +435,26 @@ def train(
         enable_grad_checkpoint(net)
     mx.eval(net.parameters())
     run = LengthRun(net, corpus, opts, out, progress)
-    if done:
+    if partial:
+        run.resume(partial, _partial_dir(out))
+    elif done:
         run.resume(done[-1])
-        _keep_metrics(out / "metrics.jsonl", {s["seq_len"] for s in done})
+    if done or partial:
+        _keep_metrics(out / "metrics.jsonl", {s["seq_len"] for s in done}, partial)
     run.rows = [s["row"] for s in done]
     n_params = sum(p.size for _, p in tree_flatten(net.parameters()))
     log(f"model: BK core, {n_params:,} parameters, d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
         f"vocabulary {model_cfg.vocab_size:,}")  # fmt: skip
 
     net.train()
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics, _ctrl_c_saves(run, log):
         for phase in length_phases(opts)[len(done) :]:
-            row = run.length(phase, metrics)
+            row = run.length(phase, metrics, partial if partial and partial["seq_len"] == phase.seq_len else None)
             run.rows.append(row)
             state = {"seq_len": phase.seq_len, "index": phase.index, "step": run.step, "attempts": run.attempts,
                      "config": asdict(model_cfg), "row": row, "stability": run.stability.to_dict()}  # fmt: skip
             save_checkpoint(out, net, run.optimizer, state)
+            shutil.rmtree(_partial_dir(out), ignore_errors=True)
             _write_results(out, settings, run.rows, started)
             log(f"length {phase.seq_len:,}: {row['steps']} updates of {phase.micro_batch} x {phase.seq_len:,} tokens, "
                 f"train loss {_fmt(row['final_train_loss'], '.4f')}, val ppl {_fmt(row['val_ppl'], '.3f')}, "
