@@ -1,0 +1,102 @@
+"""Does a gisted head beat truncation? NLL of a file's last `horizon` tokens under each condition, at equal
+working-context budgets, with paired bootstrap confidence intervals over files.
+
+Conditions, for a history (the file minus its last `horizon` tokens) and a budget W of positions:
+- truncation: the last W history tokens, raw, at positions 0..;
+- full: the whole history, raw (the upper bound);
+- mean_gist / gist: the recency tiling within W (newest blocks raw, older ones as L1 then L2 gists), gists
+  from mean pooling (the untrained floor) or from the trained compressor;
+- controls on the same tiling: shuffled (the gists permuted among their entries), other_file (another
+  file's gists at the same entries), zeroed (zero vectors).
+"""
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_ltc.megacontext import context as wc
+from mlx_ltc.megacontext.tree import GistTree
+
+__all__ = ["CONDITIONS", "bootstrap_mean", "gap_closed", "plain_nll", "score_file"]
+
+CONDITIONS = ("truncation", "mean_gist", "gist", "full", "shuffled", "other_file", "zeroed")
+
+
+def plain_nll(model, prefix: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """NLL of target after prefix, the model fed raw tokens at positions 0, 1, ..."""
+    tokens = mx.array(np.concatenate([prefix, target[:-1]]).astype(np.int32))[None]
+    logits = model(tokens)[0, len(prefix) - 1 :].astype(mx.float32)
+    picked = mx.take_along_axis(logits, mx.array(target.astype(np.int32))[:, None], axis=-1)[:, 0]
+    return np.array(mx.logsumexp(logits, axis=-1) - picked).astype(np.float64)
+
+
+def _tree(history: np.ndarray, width: int, gist) -> GistTree:
+    tree = GistTree(width=width, model_id="")
+    tree.append(history, gist)
+    return tree
+
+
+def score_file(model, tokens: np.ndarray, budget: int, horizon: int, conditions, gists: dict, other=None,
+               positions: str = "global", seed: int = 0) -> dict:  # fmt: skip
+    """{condition: per-token NLL of the last `horizon` tokens}. gists: compressor per gist condition
+    ("mean_gist", "gist"); the controls take the "gist" one (else mean_gist). other: another file's tokens,
+    for other_file."""
+    history, target = tokens[:-horizon], tokens[-horizon:]
+    width = model.model.embed_tokens.weight.shape[1]
+    out, trees = {}, {}
+    for condition in conditions:
+        if condition == "truncation":
+            out[condition] = plain_nll(model, history[-budget:], target)
+        elif condition == "full":
+            out[condition] = plain_nll(model, history, target)
+        else:
+            key = condition if condition in ("mean_gist", "gist") else ("gist" if "gist" in gists else "mean_gist")
+            if key not in trees:
+                trees[key] = _tree(history, width, gists[key])
+            tree = trees[key]
+            entries = wc.recency(tree, budget)
+            out[condition] = wc.target_nll(model, tree, entries, target, _control(condition, tree, entries, other,
+                                           width, gists[key], seed), positions)  # fmt: skip
+    return out
+
+
+def _control(condition, tree, entries, other, width, gist, seed):
+    """The gist lookup a control feeds instead of the tree's own (None: the tree's)."""
+    if condition in ("mean_gist", "gist"):
+        return None
+    if condition == "zeroed":
+        return lambda level, index: np.zeros(width, np.float32)
+    if condition == "shuffled":
+        slots = [(e.level, e.index) for e in entries if e.level > 0]
+        order = np.random.default_rng(seed).permutation(len(slots))
+        moved = {slots[i]: slots[j] for i, j in enumerate(order)}
+        return lambda level, index: tree.levels[moved[(level, index)][0]][moved[(level, index)][1]]
+    if condition == "other_file":
+        if other is None:
+            raise ValueError("other_file needs another file's tokens")
+        donor = _tree(np.asarray(other, np.int32), width, gist)
+
+        def lookup(level, index):
+            rows = donor.levels[level] if len(donor.levels[level]) else donor.levels[1]
+            return rows[index % len(rows)]
+
+        return lookup
+    raise ValueError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
+
+
+def bootstrap_mean(values, n: int = 2000, seed: int = 0) -> tuple:
+    """(mean, 2.5th, 97.5th percentile) of the mean of per-file values, resampling files."""
+    values = np.asarray(values, np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(values), (n, len(values)))
+    means = values[idx].mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def gap_closed(truncation, method, full, n: int = 2000, seed: int = 0) -> tuple:
+    """(fraction, CI low, CI high) of the truncation-to-full gap a method closes, (a - c) / (a - d), over
+    per-file NLLs, with the files resampled jointly (paired)."""
+    a, c, d = (np.asarray(x, np.float64) for x in (truncation, method, full))
+    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))
+    gap = a[idx].mean(1) - d[idx].mean(1)
+    fractions = np.where(np.abs(gap) > 1e-12, (a[idx].mean(1) - c[idx].mean(1)) / np.where(gap == 0, 1, gap), np.nan)
+    point = (a.mean() - c.mean()) / (a.mean() - d.mean())
+    return float(point), float(np.nanpercentile(fractions, 2.5)), float(np.nanpercentile(fractions, 97.5))
