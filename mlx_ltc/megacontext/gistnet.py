@@ -1,0 +1,58 @@
+"""GistNet: one vector in the base model's embedding space for a block of 32 inputs (token embeddings, or
+32 child gists).
+
+A small bidirectional transformer (no mask) over the block, with learned slot and level embeddings, then
+attention pooling. The output is the inputs' mean plus a learned correction whose projection starts at
+zero, so an untrained GistNet is exactly the mean-pooling floor and training starts from it.
+"""
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+__all__ = ["GistConfig", "GistNet", "compressor"]
+
+
+@dataclass
+class GistConfig:
+    width: int  # the base model's embedding width
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    block: int = 32
+    levels: int = 2  # L1 (over token embeddings) and L2 (over L1 gists)
+
+
+class GistNet(nn.Module):
+    def __init__(self, config: GistConfig):
+        super().__init__()
+        self.config = config
+        self.inputs = nn.Linear(config.width, config.hidden)
+        self.slot = nn.Embedding(config.block, config.hidden)
+        self.level = nn.Embedding(config.levels, config.hidden)
+        self.encoder = nn.TransformerEncoder(config.layers, config.hidden, config.heads, 4 * config.hidden)
+        self.query = mx.zeros((config.hidden,))
+        self.correction = nn.Linear(config.hidden, config.width)
+        self.correction.weight = mx.zeros_like(self.correction.weight)
+        self.correction.bias = mx.zeros_like(self.correction.bias)
+
+    def __call__(self, x: mx.array, level: int) -> mx.array:
+        """x (N, block, width) -> gists (N, width); level 1 or 2."""
+        h = self.inputs(x) + self.slot.weight[: x.shape[1]] + self.level.weight[level - 1]
+        h = self.encoder(h, None)
+        weights = mx.softmax((h @ self.query) / math.sqrt(h.shape[-1]), axis=-1)
+        pooled = (weights[..., None] * h).sum(axis=1)
+        return x.mean(axis=1) + self.correction(pooled)
+
+
+def compressor(net: GistNet, embed_tokens):
+    """The tree's gist(level, inputs): level 1 embeds the block's token ids with the base's table."""
+
+    def gist(level, inputs):
+        x = embed_tokens(mx.array(np.asarray(inputs, np.int32))) if level == 1 else mx.array(inputs)
+        return np.array(net(x.astype(mx.float32)[None], level)[0])
+
+    return gist
