@@ -1,0 +1,51 @@
+"""GistNet's training signal: substitutability against the frozen base.
+
+A sample is `blocks` raw 32-token blocks followed by `horizon` tokens. The teacher is the base on all of it,
+raw. The student sees the first `blocks - keep` blocks replaced by their L1 gists (at their span centres),
+the last `keep` blocks raw, then the horizon. The loss is KL(teacher || student) of the next-token
+distributions plus the student's extra NLL, both only at the horizon's real next-token targets: never at
+gist slots or inside the raw blocks.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_ltc.megacontext.gistnet import GistNet
+from mlx_ltc.megacontext.positions import forward_at
+
+__all__ = ["substitution_loss", "teacher_logprobs"]
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def teacher_logprobs(model, tokens: mx.array, horizon: int) -> mx.array:
+    """(B, horizon, V) log-probabilities of the base on the raw samples (B, n), predicting the last
+    `horizon` tokens; no gradient."""
+    logits = model(tokens[:, :-1])[:, -horizon:]
+    return mx.stop_gradient(_log_softmax(logits))
+
+
+def substitution_loss(net: GistNet, model, tokens: mx.array, teacher: mx.array, keep: int, nll_weight: float = 1.0,
+                      block: int = 32) -> tuple:  # fmt: skip
+    """(loss, KL, extra NLL) over samples tokens (B, blocks * block + horizon) with teacher log-probs."""
+    batch, n = tokens.shape
+    horizon = teacher.shape[1]
+    gisted = (n - horizon) // block - keep
+    embed = model.model.embed_tokens
+    raw = embed(tokens).astype(mx.float32)
+    width = raw.shape[-1]
+    gists = mx.zeros((batch, 0, width))
+    if gisted:
+        gists = net(raw[:, : gisted * block].reshape(batch * gisted, block, width), 1).reshape(batch, gisted, width)
+    student_in = mx.concatenate([gists, raw[:, gisted * block : -1]], axis=1)
+    centres = np.arange(gisted) * block + (block - 1) / 2
+    positions = np.concatenate([centres, np.arange(gisted * block, n - 1)]).astype(np.float32)
+    logits = forward_at(model, student_in.astype(embed.weight.dtype), mx.array(positions))[:, -horizon:]
+    student = _log_softmax(logits)
+    kl = (mx.exp(teacher) * (teacher - student)).sum(axis=-1).mean()
+    targets = tokens[:, -horizon:, None]
+    extra = (mx.take_along_axis(teacher - student, targets, axis=-1)).mean()  # student NLL - teacher NLL
+    return kl + nll_weight * extra, kl, extra
