@@ -4,10 +4,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+import pytest
 from test_megacontext_positions import tiny_llama
 
 from mlx_ltc.megacontext.gistnet import GistConfig, GistNet
 from mlx_ltc.megacontext.objective import substitution_loss, teacher_logprobs
+from mlx_ltc.megacontext.train import train_gistnet
 
 
 def setup(seed=0):
@@ -39,3 +41,17 @@ def test_gisting_costs_something_and_training_gistnet_reduces_it():
         mx.eval(net.parameters(), opt.state)
     assert loss.item() < 0.7 * start, (start, loss.item())
     assert all(not np.any(np.isnan(np.array(p))) for _, p in nn.utils.tree_flatten(model.parameters()))
+
+
+def test_train_gistnet_lowers_the_substitution_loss_on_held_out_windows():
+    model, net, _, _ = setup(seed=1)
+    rng = np.random.default_rng(2)
+    files = [rng.integers(0, 101, 600).astype(np.int32) for _ in range(4)]
+    held = mx.array(np.stack([f[:144] for f in files[:3]]))
+    teacher = teacher_logprobs(model, held, 16)
+    before = substitution_loss(net, model, held, teacher, keep=1)[0].item()
+    records = train_gistnet(net, model, files, steps=30, blocks=4, keep=1, horizon=16, batch=4, lr=3e-3)
+    assert [r["step"] for r in records] == list(range(1, 31)) and all(np.isfinite(r["loss"]) for r in records)
+    assert substitution_loss(net, model, held, teacher, keep=1)[0].item() < before
+    with pytest.raises(ValueError, match="no training file holds"):
+        train_gistnet(net, model, [files[0][:100]], steps=1, blocks=4, horizon=16)

@@ -48,11 +48,13 @@ class GistNet(nn.Module):
         return x.mean(axis=1) + self.correction(pooled)
 
 
-def compressor(net: GistNet, embed_tokens):
-    """The tree's gist(level, inputs): level 1 embeds the block's token ids with the base's table."""
+def compressor(net: GistNet, embed_tokens, trained_levels=(1, 2)):
+    """The tree's gist(level, inputs): level 1 embeds the block's token ids with the base's table. A level
+    GistNet was not trained for takes its inputs' mean (the floor) instead of the network's guess."""
 
     def gist(level, inputs):
         x = embed_tokens(mx.array(np.asarray(inputs, np.int32))) if level == 1 else mx.array(inputs)
-        return np.array(net(x.astype(mx.float32)[None], level)[0])
+        x = x.astype(mx.float32)
+        return np.array(net(x[None], level)[0] if level in trained_levels else x.mean(axis=0))
 
     return gist
