@@ -13,6 +13,7 @@ import numpy as np
 
 from mlx_ltc.megacontext.positions import forward_at
 from mlx_ltc.megacontext.tree import GistTree
+from mlx_ltc.train.loss import token_nll
 
 __all__ = ["Entry", "cost", "feed", "recency", "target_nll"]
 
@@ -89,5 +90,4 @@ def target_nll(model, tree: GistTree, entries: list, target, gists=None, positio
     start = where[-1] + 1
     pos = np.concatenate([where, start + np.arange(len(target) - 1, dtype=np.float32)])
     logits = forward_at(model, embeddings, mx.array(pos))[0, len(where) - 1 :].astype(mx.float32)
-    nll = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(target)[:, None], axis=-1)[:, 0]
-    return np.array(nll).astype(np.float64)
+    return np.array(token_nll(logits, mx.array(target))).astype(np.float64)

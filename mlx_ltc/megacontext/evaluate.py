@@ -15,6 +15,7 @@ import numpy as np
 
 from mlx_ltc.megacontext import context as wc
 from mlx_ltc.megacontext.tree import GistTree
+from mlx_ltc.train.loss import token_nll
 
 __all__ = ["CONDITIONS", "bootstrap_mean", "gap_closed", "plain_nll", "score_file"]
 
@@ -25,8 +26,7 @@ def plain_nll(model, prefix: np.ndarray, target: np.ndarray) -> np.ndarray:
     """NLL of target after prefix, the model fed raw tokens at positions 0, 1, ..."""
     tokens = mx.array(np.concatenate([prefix, target[:-1]]).astype(np.int32))[None]
     logits = model(tokens)[0, len(prefix) - 1 :].astype(mx.float32)
-    picked = mx.take_along_axis(logits, mx.array(target.astype(np.int32))[:, None], axis=-1)[:, 0]
-    return np.array(mx.logsumexp(logits, axis=-1) - picked).astype(np.float64)
+    return np.array(token_nll(logits, mx.array(target.astype(np.int32)))).astype(np.float64)
 
 
 def _tree(history: np.ndarray, width: int, gist) -> GistTree:

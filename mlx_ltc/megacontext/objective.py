@@ -12,13 +12,14 @@ import numpy as np
 
 from mlx_ltc.megacontext.gistnet import GistNet
 from mlx_ltc.megacontext.positions import forward_at
+from mlx_ltc.train.reductions import logsumexp
 
 __all__ = ["substitution_loss", "teacher_logprobs"]
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logits - logsumexp(logits)[..., None]  # blockwise: MLX's CPU logsumexp drifts on 49K-wide rows
 
 
 def teacher_logprobs(model, tokens: mx.array, horizon: int) -> mx.array:
