@@ -404,12 +404,70 @@ def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet)
     click.echo(evaluate.table(result), nl=False)
 
 
+@cli.group("mc")
+def mc_group():
+    """MegaContext: learned gists and focus for the frozen embedded model, measured against truncation."""
+
+
+@mc_group.command("train")
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="Repository (its train split trains).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Run directory (continued when it holds an unfinished run with the same settings).")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Updates per phase per cycle (GistNet, LensNet, LoRA).")  # fmt: skip
+@click.option("--cycles", type=click.IntRange(min=1), default=2, show_default=True, help="GistNet -> LensNet -> LoRA.")
+@click.option("--lens-contexts", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Contexts given counterfactual labels per cycle.")  # fmt: skip
+@click.option("--budget", type=click.IntRange(min=64), default=512, show_default=True,
+              help="Working-context budget (positions) while training LensNet and LoRA.")  # fmt: skip
+@click.option("--horizon", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens scored per sample.")
+@click.option("--contrast", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).")  # fmt: skip
+@click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--quiet", is_flag=True, help="Phase summaries only.")
+def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, split, seed, overwrite,
+                 quiet):  # fmt: skip
+    """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
+    from mlx_ltc.megacontext import run as mc
+
+    opts = mc.McOptions(cycles=cycles, max_steps=max_steps, lens_contexts=lens_contexts, budget=budget,
+                        horizon=horizon, contrast=contrast, split=split, seed=seed)  # fmt: skip
+    state = mc.train_run(repo, out, opts, overwrite=overwrite, progress=not quiet,
+                         log=lambda m: click.echo(m, err=True))  # fmt: skip
+    click.echo(f"trained: {', '.join(state['done'])}; written: {Path(out) / 'state.json'}")
+
+
+@mc_group.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True,
+              help="Rows {budget, condition, nll, ci_low, ci_high} go here.")  # fmt: skip
+@click.option("--budgets", callback=_int_list, default="256,512,1024", show_default=True)
+@click.option("--horizon", type=click.IntRange(min=2), default=128, show_default=True, help="Scored tokens per file.")
+@click.option("--min-tokens", type=int, default=3000, show_default=True, help="Shortest held-out file scored.")
+@click.option("--max-tokens", type=int, default=6000, show_default=True, help="Longest held-out file scored.")
+@click.option("--max-files", type=int, default=0, help="Score at most this many files [default: all].")
+@click.option("--base", is_flag=True, help="Leave the trained LoRA out: every condition on the frozen base.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def mc_eval_cmd(run_dir, json_out, budgets, horizon, min_tokens, max_tokens, max_files, base, quiet):
+    """NLL of held-out files' ends: truncation vs gists vs LensNet focus vs full context, with bootstrap CIs."""
+    from mlx_ltc import atomic
+    from mlx_ltc.megacontext import run as mc
+
+    result = mc.evaluate_run(run_dir, budgets, horizon, min_tokens, max_tokens, max_files, base_only=base,
+                             progress=not quiet, log=lambda m: click.echo(m, err=True))  # fmt: skip
+    atomic.write_json(Path(run_dir) / "eval.json", result)
+    atomic.write_json(json_out, result["rows"] + result["identifier_rows"])
+    click.echo(mc.table(result) + f"written: {json_out}, {Path(run_dir) / 'eval.json'}")
+
+
 def main():
     from mlx_ltc import hardware
 
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "bk"):
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "bk", "mc"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

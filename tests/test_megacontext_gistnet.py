@@ -51,3 +51,16 @@ def test_training_moves_gists_toward_a_target_that_needs_the_whole_block():
         return net.encoder(net.inputs(inputs) + net.slot.weight + net.level.weight[0], None)[:, 0]
 
     assert mx.abs(first_slot(x.at[:, -1].add(1.0)) - first_slot(x)).max().item() > 1e-3
+
+
+def test_a_gist_cannot_outgrow_its_inputs():
+    """The norm cap: however far training pushes the correction, a gist stays within max_norm x the inputs'
+    mean norm (the uncapped net collapsed into one huge input-independent vector)."""
+    net, _ = net_and_table()
+    net.correction.bias = mx.full(net.correction.bias.shape, 100.0)
+    x = mx.array(np.random.default_rng(2).normal(size=(8, 32, 24)).astype(np.float32))
+    out = net(x, 1)
+    cap = net.config.max_norm * mx.linalg.norm(x, axis=-1).mean(axis=-1)
+    assert mx.all(mx.linalg.norm(out, axis=-1) <= cap * (1 + 1e-5)).item()
+    net.config.max_norm = 0
+    assert mx.all(mx.linalg.norm(net(x, 1), axis=-1) > 10 * cap).item()

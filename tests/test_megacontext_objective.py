@@ -24,7 +24,7 @@ def setup(seed=0):
 
 def test_nothing_gisted_is_the_teacher():
     model, net, tokens, teacher = setup()
-    loss, kl, extra = substitution_loss(net, model, tokens, teacher, keep=4)
+    loss, kl, extra, _ = substitution_loss(net, model, tokens, teacher, keep=4)
     assert abs(kl.item()) < 1e-5 and abs(extra.item()) < 1e-4
 
 
@@ -32,7 +32,7 @@ def test_gisting_costs_something_and_training_gistnet_reduces_it():
     model, net, tokens, teacher = setup()
     loss_fn = lambda net: substitution_loss(net, model, tokens, teacher, keep=1)[0]  # noqa: E731
     start = loss_fn(net).item()
-    _, kl, _ = substitution_loss(net, model, tokens, teacher, keep=1)
+    _, kl, _, _ = substitution_loss(net, model, tokens, teacher, keep=1)
     assert kl.item() > 1e-3
     step, opt = nn.value_and_grad(net, loss_fn), optim.Adam(learning_rate=3e-3)
     for _ in range(40):
@@ -55,3 +55,12 @@ def test_train_gistnet_lowers_the_substitution_loss_on_held_out_windows():
     assert substitution_loss(net, model, held, teacher, keep=1)[0].item() < before
     with pytest.raises(ValueError, match="no training file holds"):
         train_gistnet(net, model, [files[0][:100]], steps=1, blocks=4, horizon=16)
+
+
+def test_the_contrast_term_measures_how_much_a_sample_needs_its_own_gists():
+    model, net, tokens, teacher = setup()
+    loss0, kl, extra, gap0 = substitution_loss(net, model, tokens, teacher, keep=1)
+    loss, kl2, extra2, gap = substitution_loss(net, model, tokens, teacher, keep=1, contrast=1.0, margin=0.05)
+    assert gap0.item() == 0.0 and abs(kl.item() - kl2.item()) < 1e-6
+    assert gap.item() != 0.0  # mean gists of different random blocks are different contexts
+    assert abs(loss.item() - (loss0.item() + max(0.05 - gap.item(), 0.0))) < 1e-5

@@ -15,7 +15,7 @@ from mlx_ltc.megacontext.positions import forward_at
 from mlx_ltc.megacontext.tree import GistTree
 from mlx_ltc.train.loss import token_nll
 
-__all__ = ["Entry", "cost", "feed", "recency", "target_nll"]
+__all__ = ["Entry", "cost", "feed", "recency", "target_logits", "target_nll"]
 
 
 class Entry(NamedTuple):
@@ -81,13 +81,18 @@ def feed(model, tree: GistTree, entries: list, gists=None, positions: str = "glo
     return mx.concatenate(parts), where
 
 
-def target_nll(model, tree: GistTree, entries: list, target, gists=None, positions: str = "global") -> np.ndarray:
-    """NLL (float64, one per token) of `target` tokens continuing the tree's timeline, given the working
+def target_logits(model, tree: GistTree, entries: list, target, gists=None, positions: str = "global") -> mx.array:
+    """(len(target), V) logits predicting `target` tokens continuing the tree's timeline, given the working
     context: the last fed entry predicts target[0], target[i] predicts target[i + 1]."""
     context, where = feed(model, tree, entries, gists, positions)
     target = np.asarray(target, np.int32)
     embeddings = mx.concatenate([context, model.model.embed_tokens(mx.array(target[:-1]))])[None]
     start = where[-1] + 1
     pos = np.concatenate([where, start + np.arange(len(target) - 1, dtype=np.float32)])
-    logits = forward_at(model, embeddings, mx.array(pos))[0, len(where) - 1 :].astype(mx.float32)
-    return np.array(token_nll(logits, mx.array(target))).astype(np.float64)
+    return forward_at(model, embeddings, mx.array(pos))[0, len(where) - 1 :].astype(mx.float32)
+
+
+def target_nll(model, tree: GistTree, entries: list, target, gists=None, positions: str = "global") -> np.ndarray:
+    """NLL (float64, one per token) of `target` given the working context (see `target_logits`)."""
+    logits = target_logits(model, tree, entries, target, gists, positions)
+    return np.array(token_nll(logits, mx.array(np.asarray(target, np.int32)))).astype(np.float64)

@@ -4,6 +4,10 @@
 A small bidirectional transformer (no mask) over the block, with learned slot and level embeddings, then
 attention pooling. The output is the inputs' mean plus a learned correction whose projection starts at
 zero, so an untrained GistNet is exactly the mean-pooling floor and training starts from it.
+
+The output's norm is capped at `max_norm` x its inputs' mean norm. Uncapped, training found a shortcut: a
+gist 30x longer than any token embedding dominates the residual stream at its slot, so the base reads it as
+one fixed "sink" token whatever the block held (trained = shuffled = another file's gists).
 """
 
 import math
@@ -24,6 +28,7 @@ class GistConfig:
     heads: int = 4
     block: int = 32
     levels: int = 2  # L1 (over token embeddings) and L2 (over L1 gists)
+    max_norm: float = 1.5  # cap on a gist's norm, in units of its inputs' mean norm (0: no cap)
 
 
 class GistNet(nn.Module):
@@ -45,7 +50,12 @@ class GistNet(nn.Module):
         h = self.encoder(h, None)
         weights = mx.softmax((h @ self.query) / math.sqrt(h.shape[-1]), axis=-1)
         pooled = (weights[..., None] * h).sum(axis=1)
-        return x.mean(axis=1) + self.correction(pooled)
+        out = x.mean(axis=1) + self.correction(pooled)
+        if not self.config.max_norm:
+            return out
+        cap = self.config.max_norm * mx.linalg.norm(x, axis=-1).mean(axis=-1, keepdims=True)
+        norm = mx.linalg.norm(out, axis=-1, keepdims=True)
+        return out * mx.minimum(1.0, cap / mx.maximum(norm, 1e-6))
 
 
 def compressor(net: GistNet, embed_tokens, trained_levels=(1, 2)):

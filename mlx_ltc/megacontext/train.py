@@ -29,28 +29,31 @@ def sample_windows(files: list, length: int, batch: int, rng) -> mx.array:
 
 def train_gistnet(
     net: GistNet, model, files: list, steps: int, blocks: int = 8, keep: int = 2, horizon: int = 64,
-    batch: int = 2, lr: float = 1e-3, max_grad_norm: float = 1.0, seed: int = 0, log=None,
+    batch: int = 2, lr: float = 1e-3, max_grad_norm: float = 1.0, seed: int = 0, contrast: float = 0.0, log=None,
 ) -> list:  # fmt: skip
     """AdamW with warmup + cosine on windows of `blocks` blocks + `horizon` tokens; returns one record per step
-    (loss, KL, extra NLL, grad norm, seconds)."""
+    (loss, KL, extra NLL, contrast gap, grad norm, seconds)."""
     rng = np.random.default_rng(seed)
     warmup = max(1, steps // 10)
     schedule = lambda i: lr * min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))  # noqa: E731
     opt = optim.AdamW(learning_rate=lr, weight_decay=0.0)
-    step = nn.value_and_grad(net, lambda net, tokens, teacher: substitution_loss(net, model, tokens, teacher, keep))
+    step = nn.value_and_grad(
+        net, lambda net, tokens, teacher: substitution_loss(net, model, tokens, teacher, keep, contrast=contrast)
+    )
     length = blocks * net.config.block + horizon
     records = []
     for i in range(steps):
         began = time.perf_counter()
         tokens = sample_windows(files, length, batch, rng)
-        (loss, kl, extra), grads = step(net, tokens, teacher_logprobs(model, tokens, horizon))
+        (loss, kl, extra, gap), grads = step(net, tokens, teacher_logprobs(model, tokens, horizon))
         grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         opt.learning_rate = schedule(i)
         opt.update(net, grads)
-        mx.eval(net.parameters(), opt.state, loss, kl, extra)
+        mx.eval(net.parameters(), opt.state, loss, kl, extra, gap)
         seconds = time.perf_counter() - began
         records.append({"step": i + 1, "loss": loss.item(), "kl": kl.item(), "extra_nll": extra.item(),
-                        "grad_norm": norm.item(), "lr": schedule(i), "seconds": seconds})  # fmt: skip
+                        "contrast_gap": gap.item(), "grad_norm": norm.item(), "lr": schedule(i),
+                        "seconds": seconds})  # fmt: skip
         if log:
             log(records[-1])
     return records

@@ -1,0 +1,459 @@
+"""`mlx-ltc mc train` and `mc eval`: MegaContext on a repository, with the frozen embedded base.
+
+Training alternates three phases per cycle, each ending in a checkpoint (`checkpoints/cycle{c}-{phase}/`):
+GistNet on substitutability; LensNet on fresh counterfactual labels from contexts the current GistNet and
+LensNet produce; a tiny LoRA on the base, on the next tokens' NLL through such contexts. After each cycle,
+telemetry on the val files: loss@H vs budget, swap rate, residency, latency per block. A rerun of the same
+command continues after the last finished phase.
+
+Evaluation uses the dataset builder's test split: held-out files of 3-6K tokens, their last H tokens scored
+under each condition at each budget (see `evaluate`), plus `lens` (the focus loop streamed over the file
+with LensNet + allocator), `gist_compact` (the gist condition at compact positions 0..n-1 instead of span
+centres) and the same NLLs restricted to identifiers defined only in the truncated head.
+"""
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_ltc import atomic
+from mlx_ltc.errors import UserError
+from mlx_ltc.megacontext import context as wc
+from mlx_ltc.megacontext import evaluate as ev
+from mlx_ltc.megacontext import lens as lensnet
+from mlx_ltc.megacontext.focus import Focus, extend
+from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
+from mlx_ltc.megacontext.train import train_gistnet
+from mlx_ltc.megacontext.tree import GistTree, mean_gist
+from mlx_ltc.train.loss import token_nll
+
+__all__ = ["McOptions", "evaluate_run", "stream_focus", "train_run"]
+
+PHASES = ("gist", "lens", "lora")
+
+
+@dataclass
+class McOptions:
+    model: str = "smollm2-135m"
+    split: str = "85/10/5"  # the dataset builder's train/val/test shares
+    cycles: int = 2
+    max_steps: int = 60  # updates per phase per cycle (GistNet, LensNet, LoRA)
+    lens_contexts: int = 6  # contexts labelled per cycle
+    lens_candidates: int = 12  # entries labelled per context
+    budget: int = 512  # working-context budget of the LensNet and LoRA phases
+    horizon: int = 64
+    blocks: int = 8  # GistNet windows: `blocks` blocks (all but `keep` gisted) + horizon
+    keep: int = 2
+    batch: int = 2
+    lr: float = 1e-3
+    contrast: float = 1.0
+    lora_rank: int = 4
+    lora_layers: int = 4
+    lora_lr: float = 2e-4
+    seed: int = 0
+
+
+def repo_files(repo: Path, model_name: str, split: str, progress: bool, log) -> tuple:
+    """(train token arrays, val token arrays, test files) by the dataset builder's split of the repository; a
+    test file is {path, tokens, text, byte_starts, definitions: [(name, byte start)]}."""
+    from mlx_ltc import config, data, models
+
+    cfg = config.build(None, {"model": {"name": model_name}, "data": {"split": split}})
+    scan = data.scan(repo, cfg.data.max_file_bytes)
+    tokenizer = models.load_tokenizer(models.resolve(model_name, models.default_cache_dir()))
+    corpus = data.Corpus(scan, tokenizer, cfg.data, None, log=log, progress=progress)
+    by = {"train": [], "val": [], "test": []}
+    for path, info in sorted(corpus.infos.items()):
+        by[corpus.splits[path]].append((path, info))
+    test = [{"path": path, "tokens": info.tokens.astype(int).tolist(), "text": corpus.texts[path],
+             "byte_starts": corpus.encode.byte_starts(info.tokens, corpus.texts[path]).astype(int).tolist(),
+             "definitions": [(d.name, d.start) for d in (info.syntax.definitions if info.syntax else [])]}
+            for path, info in by["test"]]  # fmt: skip
+    return [i.tokens for _, i in by["train"]], [i.tokens for _, i in by["val"]], test
+
+
+def _load_base(name: str):
+    from mlx_ltc import models
+
+    loaded = models.load(models.resolve(name, models.default_cache_dir()))
+    loaded.model.freeze()
+    return loaded
+
+
+def _with_lora(model, opts: McOptions) -> None:
+    from mlx_ltc.config import LoraConfig
+    from mlx_ltc.train import apply_lora
+
+    apply_lora(model, LoraConfig(rank=opts.lora_rank, targets=["self_attn"], layers=opts.lora_layers), opts.seed)
+
+
+def _tree(tokens, width: int, gist) -> GistTree:
+    tree = GistTree(width=width, model_id="")
+    tree.append(np.asarray(tokens, np.int32), gist)
+    return tree
+
+
+def _contexts(files: list, n: int, budget: int, horizon: int, rng) -> list:
+    """n (history, target) pairs: a file's start up to a random cut past the budget, and the next tokens."""
+    long = [f for f in files if len(f) >= budget + 128 + horizon]
+    if not long:
+        raise UserError(f"no file of at least {budget + 128 + horizon} tokens to build working contexts from")
+    out = []
+    for _ in range(n):
+        f = long[rng.integers(0, len(long))]
+        cut = int(rng.integers(budget + 128, len(f) - horizon + 1))
+        out.append((np.asarray(f[:cut], np.int32), np.asarray(f[cut : cut + horizon], np.int32)))
+    return out
+
+
+def stream_focus(lens, tree_gist, tokens, budget: int, width: int, every: int = 2, n_diff: int = 4) -> tuple:
+    """Run the focus loop over a history as it grows, `every` blocks per iteration: append, gist, score with
+    LensNet, allocate. (tree, entries, telemetry: chosen actions per block (swap rate), forced collapses per
+    block (the tail outgrowing the budget), residency in iterations between flips, ms per block)."""
+    tokens = np.asarray(tokens, np.int32)
+    block = 32
+    start = min(len(tokens), max(budget - budget % block, block))
+    tree = _tree(tokens[:start], width, tree_gist)
+    entries = extend(tree, [])
+    focus = Focus(budget=budget, n_diff=n_diff)
+    appeared, stays, seconds, blocks = {}, [], 0.0, 0
+    for at in range(start, len(tokens), every * block):
+        began = time.perf_counter()
+        before = len(tree.tokens) // block
+        tree.append(tokens[at : at + every * block], tree_gist)
+        entries = extend(tree, entries)
+        for k in range(before, len(tree.tokens) // block):
+            appeared[(1, k)] = focus.iteration + 1
+        entries = focus.step(tree, entries, lensnet.utilities(lens, tree, entries))
+        seconds += time.perf_counter() - began
+        blocks += len(tree.tokens) // block - before
+    last = {}
+    for iteration, _, level, index in focus.log:
+        key = (1, index) if level in (0, 1) else (2, index)
+        since = last.get(key, appeared.get(key, 1))
+        stays.append(iteration - since)
+        last[key] = iteration
+    chosen = sum(action != "forced" for _, action, _, _ in focus.log)
+    telemetry = {"actions": chosen, "forced": len(focus.log) - chosen, "blocks": blocks, "iterations": focus.iteration,
+                 "swap_rate": chosen / max(blocks, 1), "forced_rate": (len(focus.log) - chosen) / max(blocks, 1),
+                 "residency": float(np.mean(stays)) if stays else None,
+                 "ms_per_block": 1000 * seconds / max(blocks, 1)}  # fmt: skip
+    return tree, entries, telemetry
+
+
+def _phase_gist(gist_net, model, train, opts, seed, log):
+    return train_gistnet(gist_net, model, train, steps=opts.max_steps, blocks=opts.blocks, keep=opts.keep,
+                         horizon=opts.horizon, batch=opts.batch, lr=opts.lr, seed=seed, contrast=opts.contrast,
+                         log=log)  # fmt: skip
+
+
+def _focused(lens, tree, budget):
+    """Recency tiling, then two allocator iterations with LensNet (on-policy contexts)."""
+    entries = wc.recency(tree, budget)
+    focus = Focus(budget=budget)
+    for _ in range(2):
+        entries = focus.step(tree, entries, lensnet.utilities(lens, tree, entries))
+    return entries
+
+
+def _phase_lens(lens, gist_net, model, train, opts, seed, log):
+    rng = np.random.default_rng(seed)
+    width = model.model.embed_tokens.weight.shape[1]
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    samples = []
+    for k, (history, target) in enumerate(_contexts(train, opts.lens_contexts, opts.budget, opts.horizon, rng)):
+        tree = _tree(history, width, gist)
+        entries = _focused(lens, tree, opts.budget)
+        raw = [e for e in entries if e.level == 0]
+        gists = [e for e in entries if e.level > 0]
+        half = opts.lens_candidates // 2
+        pick = lambda xs, n: [xs[i] for i in sorted(rng.choice(len(xs), min(n, len(xs)), replace=False))]  # noqa: E731
+        candidates = pick(gists, opts.lens_candidates - min(half, len(raw))) + pick(raw, half)
+        labels = lensnet.counterfactual_labels(model, tree, entries, target, candidates)
+        samples.append(lensnet.sample_of(tree, entries, labels, lens.tail))
+        if log:
+            log({"context": k + 1, "entries": len(entries), "labels": {f"L{e.level}:{e.index}": round(v, 4)
+                 for e, v in labels.items()}})  # fmt: skip
+    records = lensnet.train_lensnet(lens, samples, opts.max_steps, seed=seed)
+    mse = [float(lensnet.lens_loss(lens, s)[1]["regression"].item()) for s in samples]
+    return records + [{"final_regression": float(np.mean(mse))}]
+
+
+def _phase_lora(model, lens, gist_net, train, opts, seed, log):
+    rng = np.random.default_rng(seed)
+    width = model.model.embed_tokens.weight.shape[1]
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    opt = optim.AdamW(learning_rate=opts.lora_lr, weight_decay=0.0)
+
+    def loss_fn(model, tree, entries, target):
+        return token_nll(wc.target_logits(model, tree, entries, target), mx.array(target)).mean()
+
+    step = nn.value_and_grad(model, loss_fn)
+    records = []
+    for i, (history, target) in enumerate(_contexts(train, opts.max_steps, opts.budget, opts.horizon, rng)):
+        tree = _tree(history, width, gist)
+        entries = _focused(lens, tree, opts.budget) if i % 2 else wc.recency(tree, opts.budget)
+        loss, grads = step(model, tree, entries, target)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state, loss)
+        records.append({"step": i + 1, "loss": loss.item()})
+        if log:
+            log(records[-1])
+    return records
+
+
+def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
+    """loss@H vs budget (truncation and the gisted recency tiling) and the focus loop's swap rate, residency
+    and latency, on fixed val contexts."""
+    width = model.model.embed_tokens.weight.shape[1]
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    contexts = _contexts(val, 2, 2 * opts.budget, opts.horizon, np.random.default_rng(12345))
+    out = {"cycle": cycle, "loss_at_h": {}}
+    streams = []
+    for budget in (opts.budget // 2, opts.budget, 2 * opts.budget):
+        trunc, gisted = [], []
+        for history, target in contexts:
+            tree = _tree(history, width, gist)
+            try:
+                entries = wc.recency(tree, budget)
+            except ValueError:  # below the coarsest tiling: no gisted context fits
+                break
+            trunc.append(float(ev.plain_nll(model, history[-budget:], target).mean()))
+            gisted.append(float(wc.target_nll(model, tree, entries, target).mean()))
+        else:
+            out["loss_at_h"][budget] = {"truncation": float(np.mean(trunc)), "gist": float(np.mean(gisted))}
+    for history, _ in contexts:
+        streams.append(stream_focus(lens, gist, history, opts.budget, width)[2])
+    for key in ("swap_rate", "ms_per_block"):
+        out[key] = float(np.mean([s[key] for s in streams]))
+    stays = [s["residency"] for s in streams if s["residency"] is not None]
+    out["residency"] = float(np.mean(stays)) if stays else None
+    return out
+
+
+def _save(out: Path, name: str, gist_net, lens, model, records, has_lora: bool) -> None:
+    with atomic.replace_dir(out / "checkpoints" / name) as tmp:
+        mx.save_safetensors(str(tmp / "gistnet.safetensors"), dict(tree_flatten(gist_net.parameters())))
+        mx.save_safetensors(str(tmp / "lensnet.safetensors"), dict(tree_flatten(lens.parameters())))
+        if has_lora:
+            mx.save_safetensors(str(tmp / "lora.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        (tmp / "records.json").write_text(json.dumps(records))
+
+
+def _restore(path: Path, gist_net, lens, model=None) -> None:
+    """Load a checkpoint's nets, and its LoRA into `model` (None: leave the base as it is)."""
+    try:
+        gist_net.load_weights(str(path / "gistnet.safetensors"))
+        lens.load_weights(str(path / "lensnet.safetensors"))
+        if model is not None and (path / "lora.safetensors").exists():
+            model.load_weights(str(path / "lora.safetensors"), strict=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} is damaged or from other settings: {e}") from None
+
+
+def _nets(model, opts):
+    width = model.model.embed_tokens.weight.shape[1]
+    mx.random.seed(opts.seed)
+    gist_net, lens = GistNet(GistConfig(width=width)), lensnet.LensNet(width)
+    mx.eval(gist_net.parameters(), lens.parameters())
+    return gist_net, lens
+
+
+def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=True, log=print) -> dict:
+    out = Path(out)
+    settings = {"repo": str(Path(repo).resolve()), **asdict(opts)}
+    state_path = out / "state.json"
+    state = {"settings": settings, "done": [], "telemetry": []}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if not state_path.exists():
+            raise UserError(f"{out} exists and is not a MegaContext run; choose another --out or pass --overwrite")
+        state = json.loads(state_path.read_text())
+        if state["settings"] != settings:
+            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            raise UserError(f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite")
+    train, val, test = repo_files(Path(repo), opts.model, opts.split, progress, lambda m: log(m))
+    if not any(len(f) >= (opts.blocks * 32 + opts.horizon) for f in train):
+        raise UserError(f"repo {repo}: no train-split file of at least {opts.blocks * 32 + opts.horizon} tokens")
+    if overwrite and out.exists():  # only once the new run's input is known to be usable
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "heldout.json", {"files": test})
+    loaded = _load_base(opts.model)
+    model = loaded.model
+    gist_net, lens = _nets(model, opts)
+    has_lora = False
+    if state["done"]:
+        has_lora = any(d.endswith("-lora") for d in state["done"])
+        if has_lora:
+            _with_lora(model, opts)
+        _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, model)
+        log(f"continuing after {state['done'][-1]}")
+    for cycle in range(1, opts.cycles + 1):
+        for k, phase in enumerate(PHASES):
+            name = f"cycle{cycle}-{phase}"
+            if name in state["done"]:
+                continue
+            seed = opts.seed + 1000 * cycle + k
+            began = time.perf_counter()
+            step_log = (lambda r, n=name: log(f"{n} {json.dumps(r)}")) if progress else None
+            if phase == "gist":
+                records = _phase_gist(gist_net, model, train, opts, seed, step_log)
+            elif phase == "lens":
+                records = _phase_lens(lens, gist_net, model, train, opts, seed, step_log)
+            else:
+                if not has_lora:
+                    _with_lora(model, opts)
+                    has_lora = True
+                records = _phase_lora(model, lens, gist_net, train, opts, seed, step_log)
+            _save(out, name, gist_net, lens, model, records, has_lora)
+            state["done"].append(name)
+            log(f"{name}: {time.perf_counter() - began:.0f}s, last {records[-1]}")
+            if phase == "lora":
+                state["telemetry"].append(_telemetry(model, gist_net, lens, val or train, opts, cycle))
+                log(f"telemetry {json.dumps(state['telemetry'][-1])}")
+            atomic.write_json(state_path, state)
+    return state
+
+
+def load_run(out: Path, base_only: bool = False) -> tuple:
+    """(model, GistNet, LensNet, settings, held-out files) of a finished run."""
+    out = Path(out)
+    if not (out / "state.json").exists():
+        raise UserError(f"{out} is not a MegaContext run (no state.json); run `mlx-ltc mc train` first")
+    state = json.loads((out / "state.json").read_text())
+    settings = dict(state["settings"])
+    settings.pop("repo")
+    opts = McOptions(**settings)
+    if not state["done"] or state["done"][-1] != f"cycle{opts.cycles}-lora":
+        raise UserError(f"{out}: training is unfinished (last phase {state['done'][-1] if state['done'] else 'none'}"
+                        "); rerun the same `mlx-ltc mc train` command to finish it")  # fmt: skip
+    model = _load_base(opts.model).model
+    gist_net, lens = _nets(model, opts)
+    if not base_only:
+        _with_lora(model, opts)
+    _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, None if base_only else model)
+    heldout = json.loads((out / "heldout.json").read_text())["files"]
+    return model, gist_net, lens, opts, heldout, state
+
+
+def identifier_mask(f: dict, n_history: int, budget: int) -> np.ndarray:
+    """Which of the file's target tokens (after n_history) belong to a name whose definition starts in the
+    truncated head (before the last `budget` history tokens) and that the kept window never mentions."""
+    starts = np.asarray(f["byte_starts"], np.int64)
+    raw = f["text"].encode("utf-8")
+    head_end = int(starts[max(n_history - budget, 0)])
+    kept = raw[head_end : int(starts[n_history])]
+    names = {n for n, s in f["definitions"] if s < head_end and len(n) >= 3}
+    names = {n for n in names if not re.search(rb"\b" + re.escape(n.encode()) + rb"\b", kept)}
+    mask = np.zeros(len(starts) - n_history, bool)
+    if not names:
+        return mask
+    tail_start = int(starts[n_history])
+    ends = np.concatenate([starts[1:], [len(raw)]])
+    pattern = re.compile(rb"\b(" + b"|".join(re.escape(n.encode()) for n in sorted(names)) + rb")\b")
+    for m in pattern.finditer(raw, tail_start):
+        mask |= (starts[n_history:] < m.end()) & (ends[n_history:] > m.start())
+    return mask
+
+
+CONDITIONS = ("truncation", "mean_gist", "gist", "shuffled", "other_file", "zeroed")
+
+
+def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000, max_tokens: int = 6000,
+                 max_files: int = 0, base_only: bool = False, progress: bool = True, log=print) -> dict:  # fmt: skip
+    model, gist_net, lens, opts, heldout, state = load_run(out, base_only)
+    files = [f for f in heldout if min_tokens <= len(f["tokens"]) <= max_tokens]
+    if max_files:
+        files = files[:max_files]
+    if len(files) < 2:
+        raise UserError(f"{out}: {len(files)} held-out test file(s) of {min_tokens}-{max_tokens} tokens; need at "
+                        "least 2 (widen --min-tokens/--max-tokens)")  # fmt: skip
+    embed = model.model.embed_tokens
+    width = embed.weight.shape[1]
+    gists = {"mean_gist": mean_gist(np.array(embed.weight)), "gist": compressor(gist_net, embed, trained_levels=(1,))}
+    per_file, ident, streams = {}, {}, []
+    from tqdm import tqdm
+
+    for k, f in enumerate(tqdm(files, desc="mc eval", disable=None if progress else True)):
+        tokens = np.asarray(f["tokens"], np.int32)
+        other = np.asarray(files[(k + 1) % len(files)]["tokens"], np.int32)
+        n_history = len(tokens) - horizon
+        coarsest = n_history // 1024 + n_history % 1024 // 32 + n_history % 32  # L2s, L1s, raw tail
+        if min(budgets) < coarsest:
+            raise UserError(f"--budgets {min(budgets)} is below {f['path']}'s coarsest working context "
+                            f"({coarsest} positions)")  # fmt: skip
+        scored = {}
+        full = ev.score_file(model, tokens, budgets[0], horizon, ["full"], gists)["full"]
+        for w in budgets:
+            scored[w] = ev.score_file(model, tokens, w, horizon, CONDITIONS, gists, other) | {"full": full}
+            tree, entries, telemetry = stream_focus(lens, gists["gist"], tokens[:-horizon], w, width)
+            scored[w]["lens"] = wc.target_nll(model, tree, entries, tokens[-horizon:])
+            recent = wc.recency(tree, w)  # the gist condition's context, at positions 0, 1, ... instead
+            scored[w]["gist_compact"] = wc.target_nll(model, tree, recent, tokens[-horizon:], positions="compact")
+            streams.append({"file": f["path"], "budget": w, **telemetry})
+            mask = identifier_mask(f, n_history, w)
+            for condition, nll in scored[w].items():
+                per_file.setdefault((w, condition), []).append(float(nll.mean()))
+                if mask.any():
+                    ident.setdefault((w, condition), []).append(float(nll[mask].mean()))
+            ident.setdefault((w, "_tokens"), []).append(int(mask.sum()))
+        shown = [f"W={w} {c} {v[-1]:.3f}" for (w, c), v in per_file.items() if c in ("truncation", "gist", "lens")]
+        log(f"{f['path']} ({len(tokens)} tokens): {', '.join(shown)}")
+    rows, ident_rows, gaps = [], [], []
+    for (w, condition), values in sorted(per_file.items()):
+        nll, low, high = ev.bootstrap_mean(values)
+        rows.append({"budget": w, "condition": condition, "nll": nll, "ci_low": low, "ci_high": high,
+                     "files": len(values)})  # fmt: skip
+    for (w, condition), values in sorted(ident.items()):
+        if condition != "_tokens" and len(values) >= 2:
+            nll, low, high = ev.bootstrap_mean(values)
+            ident_rows.append({"budget": w, "condition": f"{condition}@identifiers", "nll": nll, "ci_low": low,
+                               "ci_high": high, "files": len(values),
+                               "tokens": sum(ident[(w, "_tokens")])})  # fmt: skip
+    for w in budgets:
+        for method in ("mean_gist", "gist", "gist_compact", "lens", "shuffled", "other_file", "zeroed"):
+            point, low, high = ev.gap_closed(per_file[(w, "truncation")], per_file[(w, method)], per_file[(w, "full")])
+            gaps.append({"budget": w, "condition": method, "gap_closed": point, "ci_low": low, "ci_high": high})
+        diff = np.array(per_file[(w, "lens")]) - np.array(per_file[(w, "gist")])
+        mean, low, high = ev.bootstrap_mean(diff)
+        gaps.append({"budget": w, "condition": "lens-minus-recency", "nll_diff": mean, "ci_low": low, "ci_high": high})
+    swap = {w: float(np.mean([s["swap_rate"] for s in streams if s["budget"] == w])) for w in budgets}
+    res = {w: [s["residency"] for s in streams if s["budget"] == w and s["residency"] is not None] for w in budgets}
+    return {"rows": rows, "identifier_rows": ident_rows, "gap_closed": gaps, "files": [f["path"] for f in files],
+            "horizon": horizon, "base_only": base_only, "lora": not base_only,
+            "telemetry": {"per_budget": {w: {"swap_rate": swap[w],
+                                             "residency": float(np.mean(res[w])) if res[w] else None,
+                                             "ms_per_block": float(np.mean([s["ms_per_block"] for s in streams
+                                                                            if s["budget"] == w]))}
+                                         for w in budgets}, "streams": streams},
+            "training_telemetry": state["telemetry"]}  # fmt: skip
+
+
+def table(result: dict) -> str:
+    lines = [f"{'budget':>6} {'condition':24} {'NLL':>7} {'95% CI':>17} {'files':>5}"]
+    for r in result["rows"] + result["identifier_rows"]:
+        lines.append(f"{r['budget']:>6} {r['condition']:24} {r['nll']:7.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
+                     f"{r['files']:>5}")  # fmt: skip
+    lines.append("")
+    for g in result["gap_closed"]:
+        key = "gap_closed" if "gap_closed" in g else "nll_diff"
+        lines.append(f"W={g['budget']:>5} {g['condition']:20} {key} {g[key]:+.3f} [{g['ci_low']:+.3f}, "
+                     f"{g['ci_high']:+.3f}]")  # fmt: skip
+    for w, t in result["telemetry"]["per_budget"].items():
+        res = "n/a" if t["residency"] is None else f"{t['residency']:.1f}"
+        lines.append(f"W={w:>5} focus loop: {t['swap_rate']:.3f} actions/block, residency {res} iterations, "
+                     f"{t['ms_per_block']:.1f} ms/block")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""`mlx-ltc mc train` / `mc eval` end to end on a small repository with the embedded model, and the pieces
+the evaluation relies on (the identifier mask, the streamed focus loop)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from test_megacontext_context import covered
+from test_megacontext_positions import tiny_llama
+
+from mlx_ltc.cli import cli
+from mlx_ltc.megacontext import context as wc
+from mlx_ltc.megacontext import lens
+from mlx_ltc.megacontext.run import identifier_mask, stream_focus
+from mlx_ltc.megacontext.tree import mean_gist
+
+
+def test_identifier_mask_marks_names_defined_only_in_the_truncated_head():
+    text = "def alpha():\n    pass\n\nbeta = 1\n# filler filler filler\nx = alpha() + beta\n"
+    starts = [0, 4, 9, 12, 13, 17, 22, 23, 24, 28, 33, 40, 47, 54, 55, 57, 59, 64, 66, 68, 71]
+    tokens = list(range(len(starts)))
+    f = {"text": text, "byte_starts": starts, "tokens": tokens,
+         "definitions": [("alpha", 0), ("beta", 24)]}  # fmt: skip
+    n_history = 15  # history ends at byte 55 ("x = ..." is the target)
+    mask = identifier_mask(f, n_history, budget=11)  # head: bytes [0, 13): alpha only; the kept part mentions beta
+    target_starts = np.array(starts[n_history:])
+    marked = {int(s) for s in target_starts[mask]}
+    alpha_at = text.index("alpha()", 55)
+    assert marked and all(alpha_at <= s < alpha_at + 5 or (s < alpha_at and s + 5 > alpha_at) for s in marked)
+    assert not identifier_mask(f, n_history, budget=15).any()  # nothing truncated, nothing counts
+
+
+def test_the_streamed_focus_loop_stays_within_budget_and_tiles_the_timeline():
+    model = tiny_llama()
+    tokens = np.random.default_rng(0).integers(0, 101, 1500).astype(np.int32)
+    net = lens.LensNet(width=64, hidden=32, layers=1, heads=4)
+    gist = mean_gist(np.array(model.model.embed_tokens.weight))
+    tree, entries, telemetry = stream_focus(net, gist, tokens, budget=256, width=64)
+    assert covered(tree, entries) == len(tokens) // 32 * 32 and wc.cost(tree, entries) <= 256
+    assert telemetry["blocks"] == len(tokens) // 32 - 256 // 32
+    assert telemetry["forced"] > 0 and telemetry["swap_rate"] >= 0 and telemetry["ms_per_block"] > 0
+
+
+def small_repo(root: Path) -> Path:
+    stdlib = Path(os.__file__).parent
+    files = sorted(p for p in stdlib.glob("*.py") if 2500 <= p.stat().st_size <= 6000)[:10]
+    root.mkdir()
+    for p in files:
+        shutil.copy(p, root / p.name)
+    return root
+
+
+def test_mc_train_then_eval_end_to_end(tmp_path):
+    repo, out = small_repo(tmp_path / "repo"), tmp_path / "run"
+    runner = CliRunner()
+    args = ["mc", "train", "--repo", str(repo), "--out", str(out), "--max-steps", "1", "--cycles", "1",
+            "--lens-contexts", "1", "--budget", "128", "--horizon", "16", "--split", "40/20/40", "--quiet"]  # fmt: skip
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "state.json").read_text())
+    assert state["done"] == ["cycle1-gist", "cycle1-lens", "cycle1-lora"]
+    assert {p.name for p in (out / "checkpoints").iterdir()} == set(state["done"])
+    assert (out / "checkpoints" / "cycle1-lora" / "lora.safetensors").exists()
+    telemetry = state["telemetry"][0]
+    assert set(telemetry["loss_at_h"]) == {"64", "128", "256"} and telemetry["swap_rate"] >= 0
+
+    again = runner.invoke(cli, args)  # finished: nothing to redo
+    assert again.exit_code == 0 and "cycle1-gist:" not in again.output
+
+    rows_path = tmp_path / "rows.json"
+    evaluate = ["mc", "eval", str(out), "--json", str(rows_path), "--budgets", "64,128", "--horizon", "16",
+                "--min-tokens", "200", "--max-tokens", "100000", "--max-files", "2", "--quiet"]  # fmt: skip
+    result = runner.invoke(cli, evaluate)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(rows_path.read_text())
+    plain = [r for r in rows if "@" not in r["condition"]]
+    conditions = {"truncation", "mean_gist", "gist", "full", "shuffled", "other_file", "zeroed", "lens", "gist_compact"}
+    assert {(r["budget"], r["condition"]) for r in plain} == {(w, c) for w in (64, 128) for c in conditions}
+    for r in rows:
+        assert r["ci_low"] <= r["nll"] <= r["ci_high"] and np.isfinite(r["nll"])
+    by = {(r["budget"], r["condition"]): r["nll"] for r in plain}
+    assert by[(64, "full")] == by[(128, "full")]
+
+    # damage: a corrupt checkpoint and an unfinished run each give one clear line, no traceback
+    (out / "checkpoints" / "cycle1-lora" / "lensnet.safetensors").write_bytes(b"not a safetensors file")
+    result = runner.invoke(cli, evaluate)
+    assert result.exit_code != 0 and "damaged" in result.output and "Traceback" not in result.output
+    state["done"] = state["done"][:2]
+    (out / "state.json").write_text(json.dumps(state))
+    result = runner.invoke(cli, evaluate)
+    assert result.exit_code != 0 and "unfinished" in result.output
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["mc", "train", "--repo", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "f").write_text("x")
+    result = runner.invoke(cli, ["mc", "train", "--repo", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert result.exit_code != 0 and "is a file" in result.output
+    result = runner.invoke(cli, ["mc", "eval", str(tmp_path), "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code != 0 and "not a MegaContext run" in result.output
+    assert not (tmp_path / "rows.json").exists()
