@@ -423,17 +423,19 @@ def mc_group():
 @click.option("--horizon", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens scored per sample.")
 @click.option("--contrast", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).")  # fmt: skip
+@click.option("--l2-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="GistNet updates at level 2 per cycle (0: L2 gists are the mean of the L1 gists).")  # fmt: skip
 @click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="Phase summaries only.")
-def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, split, seed, overwrite,
-                 quiet):  # fmt: skip
+def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed,
+                 overwrite, quiet):  # fmt: skip
     """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
     from mlx_ltc.megacontext import run as mc
 
     opts = mc.McOptions(cycles=cycles, max_steps=max_steps, lens_contexts=lens_contexts, budget=budget,
-                        horizon=horizon, contrast=contrast, split=split, seed=seed)  # fmt: skip
+                        horizon=horizon, contrast=contrast, l2_steps=l2_steps, split=split, seed=seed)  # fmt: skip
     state = mc.train_run(repo, out, opts, overwrite=overwrite, progress=not quiet,
                          log=lambda m: click.echo(m, err=True))  # fmt: skip
     click.echo(f"trained: {', '.join(state['done'])}; written: {Path(out) / 'state.json'}")

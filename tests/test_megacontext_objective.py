@@ -64,3 +64,32 @@ def test_the_contrast_term_measures_how_much_a_sample_needs_its_own_gists():
     assert gap0.item() == 0.0 and abs(kl.item() - kl2.item()) < 1e-6
     assert gap.item() != 0.0  # mean gists of different random blocks are different contexts
     assert abs(loss.item() - (loss0.item() + max(0.05 - gap.item(), 0.0))) < 1e-5
+
+
+def test_level_2_replaces_32_blocks_by_one_gist_of_gists_at_its_span_centre():
+    from mlx_ltc.megacontext.objective import _log_softmax
+    from mlx_ltc.megacontext.positions import forward_at
+
+    model = tiny_llama()
+    model.freeze()
+    mx.random.seed(0)
+    net = GistNet(GistConfig(width=64, hidden=32, layers=1, heads=4))
+    mx.eval(net.parameters())
+    tokens = mx.array(np.random.default_rng(4).integers(0, 101, (2, 33 * 32 + 16)).astype(np.int32))
+    teacher = teacher_logprobs(model, tokens, 16)
+    loss, kl, extra, _ = substitution_loss(net, model, tokens, teacher, keep=1, level=2)
+    raw = model.model.embed_tokens(tokens)
+    inputs = mx.concatenate([raw[:, :1024].mean(axis=1, keepdims=True), raw[:, 1024:-1]], axis=1)  # untrained: mean
+    positions = mx.array(np.concatenate([[511.5], np.arange(1024, tokens.shape[1] - 1)]).astype(np.float32))
+    student = _log_softmax(forward_at(model, inputs, positions)[:, -16:])
+    want = (mx.exp(teacher) * (teacher - student)).sum(axis=-1).mean()
+    assert abs(kl.item() - want.item()) < 1e-4 and kl.item() > 1e-3
+    with pytest.raises(ValueError, match="multiple of 32"):
+        substitution_loss(net, model, tokens[:, 32:], teacher, keep=1, level=2)
+    step = nn.value_and_grad(net, lambda n: substitution_loss(n, model, tokens, teacher, 1, level=2)[0])
+    opt = optim.Adam(learning_rate=3e-3)
+    for _ in range(15):
+        trained, grads = step(net)
+        opt.update(net, grads)
+        mx.eval(net.parameters(), opt.state)
+    assert trained.item() < loss.item()

@@ -55,6 +55,7 @@ class McOptions:
     batch: int = 2
     lr: float = 1e-3
     contrast: float = 1.0
+    l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones (0: L2 gists are L1 means)
     lora_rank: int = 4
     lora_layers: int = 4
     lora_lr: float = 2e-4
@@ -150,9 +151,18 @@ def stream_focus(lens, tree_gist, tokens, budget: int, width: int, every: int = 
 
 
 def _phase_gist(gist_net, model, train, opts, seed, log):
-    return train_gistnet(gist_net, model, train, steps=opts.max_steps, blocks=opts.blocks, keep=opts.keep,
-                         horizon=opts.horizon, batch=opts.batch, lr=opts.lr, seed=seed, contrast=opts.contrast,
-                         log=log)  # fmt: skip
+    records = train_gistnet(gist_net, model, train, steps=opts.max_steps, blocks=opts.blocks, keep=opts.keep,
+                            horizon=opts.horizon, batch=opts.batch, lr=opts.lr, seed=seed, contrast=opts.contrast,
+                            log=log)  # fmt: skip
+    if opts.l2_steps:  # one L2 gist for 32 blocks, then `keep` raw blocks and the horizon
+        records += train_gistnet(gist_net, model, train, steps=opts.l2_steps, blocks=32 + opts.keep, keep=opts.keep,
+                                 horizon=opts.horizon, batch=1, lr=opts.lr, seed=seed + 500, level=2,
+                                 log=log)  # fmt: skip
+    return records
+
+
+def _trained_levels(opts) -> tuple:
+    return (1, 2) if opts.l2_steps else (1,)
 
 
 def _focused(lens, tree, budget):
@@ -167,7 +177,7 @@ def _focused(lens, tree, budget):
 def _phase_lens(lens, gist_net, model, train, opts, seed, log):
     rng = np.random.default_rng(seed)
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
     samples = []
     for k, (history, target) in enumerate(_contexts(train, opts.lens_contexts, opts.budget, opts.horizon, rng)):
         tree = _tree(history, width, gist)
@@ -190,7 +200,7 @@ def _phase_lens(lens, gist_net, model, train, opts, seed, log):
 def _phase_lora(model, lens, gist_net, train, opts, seed, log):
     rng = np.random.default_rng(seed)
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
     opt = optim.AdamW(learning_rate=opts.lora_lr, weight_decay=0.0)
 
     def loss_fn(model, tree, entries, target):
@@ -215,7 +225,7 @@ def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
     """loss@H vs budget (truncation and the gisted recency tiling) and the focus loop's swap rate, residency
     and latency, on fixed val contexts."""
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=(1,))
+    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
     contexts = _contexts(val, 2, 2 * opts.budget, opts.horizon, np.random.default_rng(12345))
     out = {"cycle": cycle, "loss_at_h": {}}
     streams = []
@@ -285,6 +295,9 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
     train, val, test = repo_files(Path(repo), opts.model, opts.split, progress, lambda m: log(m))
     if not any(len(f) >= (opts.blocks * 32 + opts.horizon) for f in train):
         raise UserError(f"repo {repo}: no train-split file of at least {opts.blocks * 32 + opts.horizon} tokens")
+    if opts.l2_steps and not any(len(f) >= (32 + opts.keep) * 32 + opts.horizon for f in train):
+        raise UserError(f"--l2-steps: no train-split file of {(32 + opts.keep) * 32 + opts.horizon} tokens to "
+                        "train L2 gists on")  # fmt: skip
     if overwrite and out.exists():  # only once the new run's input is known to be usable
         import shutil
 
@@ -383,7 +396,8 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
                         "least 2 (widen --min-tokens/--max-tokens)")  # fmt: skip
     embed = model.model.embed_tokens
     width = embed.weight.shape[1]
-    gists = {"mean_gist": mean_gist(np.array(embed.weight)), "gist": compressor(gist_net, embed, trained_levels=(1,))}
+    trained = compressor(gist_net, embed, trained_levels=_trained_levels(opts))
+    gists = {"mean_gist": mean_gist(np.array(embed.weight)), "gist": trained}
     per_file, ident, streams = {}, {}, []
     from tqdm import tqdm
 

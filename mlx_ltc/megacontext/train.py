@@ -29,7 +29,8 @@ def sample_windows(files: list, length: int, batch: int, rng) -> mx.array:
 
 def train_gistnet(
     net: GistNet, model, files: list, steps: int, blocks: int = 8, keep: int = 2, horizon: int = 64,
-    batch: int = 2, lr: float = 1e-3, max_grad_norm: float = 1.0, seed: int = 0, contrast: float = 0.0, log=None,
+    batch: int = 2, lr: float = 1e-3, max_grad_norm: float = 1.0, seed: int = 0, contrast: float = 0.0,
+    level: int = 1, log=None,
 ) -> list:  # fmt: skip
     """AdamW with warmup + cosine on windows of `blocks` blocks + `horizon` tokens; returns one record per step
     (loss, KL, extra NLL, contrast gap, grad norm, seconds)."""
@@ -37,9 +38,11 @@ def train_gistnet(
     warmup = max(1, steps // 10)
     schedule = lambda i: lr * min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))  # noqa: E731
     opt = optim.AdamW(learning_rate=lr, weight_decay=0.0)
-    step = nn.value_and_grad(
-        net, lambda net, tokens, teacher: substitution_loss(net, model, tokens, teacher, keep, contrast=contrast)
-    )
+
+    def loss_fn(net, tokens, teacher):
+        return substitution_loss(net, model, tokens, teacher, keep, contrast=contrast, level=level)
+
+    step = nn.value_and_grad(net, loss_fn)
     length = blocks * net.config.block + horizon
     records = []
     for i in range(steps):
