@@ -92,6 +92,9 @@ def test_mc_train_then_eval_end_to_end(tmp_path):
     (out / "state.json").write_text(json.dumps(state))
     result = runner.invoke(cli, evaluate)
     assert result.exit_code != 0 and "unfinished" in result.output
+    (out / "state.json").write_text("{not json")
+    result = runner.invoke(cli, evaluate)
+    assert result.exit_code != 0 and "damaged" in result.output and "Traceback" not in result.output
 
 
 def test_bad_input_is_one_clear_line(tmp_path):

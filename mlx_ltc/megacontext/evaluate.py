@@ -17,7 +17,7 @@ from mlx_ltc.megacontext import context as wc
 from mlx_ltc.megacontext.tree import GistTree
 from mlx_ltc.train.loss import token_nll
 
-__all__ = ["CONDITIONS", "bootstrap_mean", "gap_closed", "plain_nll", "score_file"]
+__all__ = ["CONDITIONS", "bootstrap_mean", "build_tree", "gap_closed", "plain_nll", "score_file"]
 
 CONDITIONS = ("truncation", "mean_gist", "gist", "full", "shuffled", "other_file", "zeroed")
 
@@ -29,9 +29,10 @@ def plain_nll(model, prefix: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.array(token_nll(logits, mx.array(target.astype(np.int32)))).astype(np.float64)
 
 
-def _tree(history: np.ndarray, width: int, gist) -> GistTree:
+def build_tree(history, width: int, gist) -> GistTree:
+    """A tree of the history (token ids), gisted by `gist`."""
     tree = GistTree(width=width, model_id="")
-    tree.append(history, gist)
+    tree.append(np.asarray(history, np.int32), gist)
     return tree
 
 
@@ -51,7 +52,7 @@ def score_file(model, tokens: np.ndarray, budget: int, horizon: int, conditions,
         else:
             key = condition if condition in ("mean_gist", "gist") else ("gist" if "gist" in gists else "mean_gist")
             if key not in trees:
-                trees[key] = _tree(history, width, gists[key])
+                trees[key] = build_tree(history, width, gists[key])
             tree = trees[key]
             entries = wc.recency(tree, budget)
             out[condition] = wc.target_nll(model, tree, entries, target, _control(condition, tree, entries, other,
@@ -73,7 +74,7 @@ def _control(condition, tree, entries, other, width, gist, seed):
     if condition == "other_file":
         if other is None:
             raise ValueError("other_file needs another file's tokens")
-        donor = _tree(np.asarray(other, np.int32), width, gist)
+        donor = build_tree(other, width, gist)
 
         def lookup(level, index):
             rows = donor.levels[level] if len(donor.levels[level]) else donor.levels[1]

@@ -3,9 +3,9 @@
 Actions (each moves 31 positions of budget): expand an L1 gist to its raw block or an L2 gist to its 32 L1
 gists; collapse a raw block to its L1 gist (or, only when the budget forces it, 32 sibling L1 gists to their
 L2 gist). Legality: raw blocks can't expand, the top level can't collapse. A block (or L2 group) that changed
-can't change again within `cooldown` iterations (hysteresis); at most `n_diff` actions per iteration. The
-newest `protect` raw blocks don't collapse (they are what the next tokens continue) unless the budget is too
-small to keep them.
+can't change again within `cooldown` iterations (hysteresis); at most `n_diff` chosen actions per iteration
+(forced collapses, which the budget demands, come on top). The newest `protect` raw blocks don't collapse
+(they are what the next tokens continue) unless the budget is too small to keep them.
 
 `utility` is LensNet's signed score per entry: u = (value of the entry's detail) - (the budget's price). The
 highest u > tau among gists is expanded while the budget allows; when it doesn't, the lowest-u raw block is

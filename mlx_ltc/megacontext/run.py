@@ -32,7 +32,7 @@ from mlx_ltc.megacontext import lens as lensnet
 from mlx_ltc.megacontext.focus import Focus, extend
 from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
 from mlx_ltc.megacontext.train import train_gistnet
-from mlx_ltc.megacontext.tree import GistTree, mean_gist
+from mlx_ltc.megacontext.tree import mean_gist
 from mlx_ltc.train.loss import token_nll
 
 __all__ = ["McOptions", "evaluate_run", "stream_focus", "train_run"]
@@ -96,12 +96,6 @@ def _with_lora(model, opts: McOptions) -> None:
     apply_lora(model, LoraConfig(rank=opts.lora_rank, targets=["self_attn"], layers=opts.lora_layers), opts.seed)
 
 
-def _tree(tokens, width: int, gist) -> GistTree:
-    tree = GistTree(width=width, model_id="")
-    tree.append(np.asarray(tokens, np.int32), gist)
-    return tree
-
-
 def _contexts(files: list, n: int, budget: int, horizon: int, rng) -> list:
     """n (history, target) pairs: a file's start up to a random cut past the budget, and the next tokens."""
     long = [f for f in files if len(f) >= budget + 128 + horizon]
@@ -122,7 +116,7 @@ def stream_focus(lens, tree_gist, tokens, budget: int, width: int, every: int = 
     tokens = np.asarray(tokens, np.int32)
     block = 32
     start = min(len(tokens), max(budget - budget % block, block))
-    tree = _tree(tokens[:start], width, tree_gist)
+    tree = ev.build_tree(tokens[:start], width, tree_gist)
     entries = extend(tree, [])
     focus = Focus(budget=budget, n_diff=n_diff)
     appeared, stays, seconds, blocks = {}, [], 0.0, 0
@@ -180,7 +174,7 @@ def _phase_lens(lens, gist_net, model, train, opts, seed, log):
     gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
     samples = []
     for k, (history, target) in enumerate(_contexts(train, opts.lens_contexts, opts.budget, opts.horizon, rng)):
-        tree = _tree(history, width, gist)
+        tree = ev.build_tree(history, width, gist)
         entries = _focused(lens, tree, opts.budget)
         raw = [e for e in entries if e.level == 0]
         gists = [e for e in entries if e.level > 0]
@@ -209,7 +203,7 @@ def _phase_lora(model, lens, gist_net, train, opts, seed, log):
     step = nn.value_and_grad(model, loss_fn)
     records = []
     for i, (history, target) in enumerate(_contexts(train, opts.max_steps, opts.budget, opts.horizon, rng)):
-        tree = _tree(history, width, gist)
+        tree = ev.build_tree(history, width, gist)
         entries = _focused(lens, tree, opts.budget) if i % 2 else wc.recency(tree, opts.budget)
         loss, grads = step(model, tree, entries, target)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
@@ -232,7 +226,7 @@ def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
     for budget in (opts.budget // 2, opts.budget, 2 * opts.budget):
         trunc, gisted = [], []
         for history, target in contexts:
-            tree = _tree(history, width, gist)
+            tree = ev.build_tree(history, width, gist)
             try:
                 entries = wc.recency(tree, budget)
             except ValueError:  # below the coarsest tiling: no gisted context fits
@@ -288,7 +282,7 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
     if out.exists() and any(out.iterdir()) and not overwrite:
         if not state_path.exists():
             raise UserError(f"{out} exists and is not a MegaContext run; choose another --out or pass --overwrite")
-        state = json.loads(state_path.read_text())
+        state = _read_json(state_path)
         if state["settings"] != settings:
             changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
             raise UserError(f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite")
@@ -341,15 +335,25 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
     return state
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is missing or damaged: {e}") from None
+
+
 def load_run(out: Path, base_only: bool = False) -> tuple:
     """(model, GistNet, LensNet, settings, held-out files) of a finished run."""
     out = Path(out)
     if not (out / "state.json").exists():
         raise UserError(f"{out} is not a MegaContext run (no state.json); run `mlx-ltc mc train` first")
-    state = json.loads((out / "state.json").read_text())
-    settings = dict(state["settings"])
-    settings.pop("repo")
-    opts = McOptions(**settings)
+    state = _read_json(out / "state.json")
+    try:
+        settings = dict(state["settings"])
+        settings.pop("repo")
+        opts = McOptions(**settings)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{out / 'state.json'}: not settings this version of mlx-ltc wrote ({e})") from None
     if not state["done"] or state["done"][-1] != f"cycle{opts.cycles}-lora":
         raise UserError(f"{out}: training is unfinished (last phase {state['done'][-1] if state['done'] else 'none'}"
                         "); rerun the same `mlx-ltc mc train` command to finish it")  # fmt: skip
@@ -358,7 +362,7 @@ def load_run(out: Path, base_only: bool = False) -> tuple:
     if not base_only:
         _with_lora(model, opts)
     _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, None if base_only else model)
-    heldout = json.loads((out / "heldout.json").read_text())["files"]
+    heldout = _read_json(out / "heldout.json").get("files", [])
     return model, gist_net, lens, opts, heldout, state
 
 
