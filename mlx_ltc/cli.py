@@ -459,9 +459,10 @@ def mc_eval_cmd(run_dir, json_out, budgets, horizon, min_tokens, max_tokens, max
 
     result = mc.evaluate_run(run_dir, budgets, horizon, min_tokens, max_tokens, max_files, base_only=base,
                              progress=not quiet, log=lambda m: click.echo(m, err=True))  # fmt: skip
-    atomic.write_json(Path(run_dir) / "eval.json", result)
+    report = Path(run_dir) / ("eval-base.json" if base else "eval.json")
+    atomic.write_json(report, result)
     atomic.write_json(json_out, result["rows"] + result["identifier_rows"])
-    click.echo(mc.table(result) + f"written: {json_out}, {Path(run_dir) / 'eval.json'}")
+    click.echo(mc.table(result) + f"written: {json_out}, {report}")
 
 
 def main():

@@ -5,9 +5,9 @@ import pytest
 from test_megacontext_positions import tiny_llama
 
 from mlx_ltc.megacontext import evaluate as ev
-from mlx_ltc.megacontext.tree import mean_gist
+from mlx_ltc.megacontext.tree import last_input, mean_gist
 
-CONDITIONS = ("truncation", "mean_gist", "full", "shuffled", "other_file", "zeroed")
+CONDITIONS = ("truncation", "mean_gist", "last_input", "full", "shuffled", "other_file", "zeroed")
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,8 @@ def setup():
     model = tiny_llama()
     rng = np.random.default_rng(3)
     files = [rng.integers(0, 101, 1200).astype(np.int32) for _ in range(2)]
-    return model, files, {"mean_gist": mean_gist(np.array(model.model.embed_tokens.weight))}
+    table = np.array(model.model.embed_tokens.weight)
+    return model, files, {"mean_gist": mean_gist(table), "last_input": last_input(table)}
 
 
 def test_a_budget_holding_the_whole_history_makes_every_condition_the_full_one(setup):
@@ -30,9 +31,10 @@ def test_a_small_budget_separates_the_conditions(setup):
     scores = ev.score_file(model, a, budget=256, horizon=40, conditions=CONDITIONS, gists=gists, other=b)
     means = {c: float(np.mean(v)) for c, v in scores.items()}
     assert all(len(v) == 40 for v in scores.values())
-    for control in ("mean_gist", "shuffled", "other_file", "zeroed"):
+    gisted = ("mean_gist", "last_input", "shuffled", "other_file", "zeroed")
+    for control in gisted:
         assert abs(means[control] - means["truncation"]) > 1e-4, control
-    assert len({round(means[c], 6) for c in ("mean_gist", "shuffled", "other_file", "zeroed")}) == 4
+    assert len({round(means[c], 6) for c in gisted}) == len(gisted)
     with pytest.raises(ValueError, match="another file"):
         ev.score_file(model, a, 256, 40, ["other_file"], gists)
 

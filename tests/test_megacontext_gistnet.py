@@ -1,4 +1,4 @@
-"""GistNet starts at the mean-pooling floor, sees the whole block, and learns."""
+"""GistNet starts at the last-input floor, sees the whole block, and learns."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -6,33 +6,41 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
-from mlx_ltc.megacontext.tree import GistTree, mean_gist
+from mlx_ltc.megacontext.tree import GistTree, last_input, mean_gist
 
 
-def net_and_table():
+def net_and_table(pick: float = 8.0):
     mx.random.seed(0)
-    net = GistNet(GistConfig(width=24, hidden=32, layers=1, heads=4))
+    net = GistNet(GistConfig(width=24, hidden=32, layers=1, heads=4, pick=pick))
     table = nn.Embedding(50, 24)
     mx.eval(net.parameters(), table.parameters())
     return net, table
 
 
-def test_an_untrained_gistnet_is_the_mean_pooling_floor():
-    net, table = net_and_table()
+def test_an_untrained_gistnet_is_the_last_input_floor():
     tokens = np.random.default_rng(0).integers(0, 50, 32 * 40).astype(np.int32)
-    trees = [GistTree(width=24, model_id="t") for _ in range(2)]
-    trees[0].append(tokens, compressor(net, table))
-    trees[1].append(tokens, mean_gist(np.array(table.weight)))
-    for a, b in zip(trees[0].levels[1:], trees[1].levels[1:]):
+    trees = {name: GistTree(width=24, model_id="t") for name in ("net", "sharp", "last", "mean", "untrained_l2")}
+    net, table = net_and_table()
+    trees["net"].append(tokens, compressor(net, table))
+    trees["sharp"].append(tokens, compressor(net_and_table(pick=30.0)[0], table))
+    trees["last"].append(tokens, last_input(np.array(table.weight)))
+    trees["mean"].append(tokens, mean_gist(np.array(table.weight)))
+    trees["untrained_l2"].append(tokens, compressor(net, table, trained_levels=(1,)))
+    for a, b in zip(trees["sharp"].levels[1:], trees["last"].levels[1:]):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert trees[0].levels[2].shape == (1, 24)
+    assert trees["last"].levels[2].shape == (1, 24)
+    np.testing.assert_allclose(trees["untrained_l2"].levels[2][0], trees["net"].levels[1][31], atol=1e-6)
+    # the default pick puts 0.99 of the weight on the last input: near it, far from the mean
+    near = np.linalg.norm(trees["net"].levels[1] - trees["last"].levels[1], axis=1)
+    far = np.linalg.norm(trees["mean"].levels[1] - trees["last"].levels[1], axis=1)
+    assert near.max() < 0.05 * far.min()
 
 
 def test_training_moves_gists_toward_a_target_that_needs_the_whole_block():
-    """Target: the block's last input (mean pooling cannot express it; attention pooling with slots can)."""
+    """Target: the first input minus the second (neither the floor nor mean pooling can express it)."""
     net, _ = net_and_table()
     x = mx.array(np.random.default_rng(1).normal(size=(64, 32, 24)).astype(np.float32))
-    target = x[:, -1]
+    target = x[:, 0] - x[:, 1]
 
     def loss_fn(model):
         return ((model(x, 1) - target) ** 2).mean()

@@ -77,12 +77,22 @@ def test_mc_train_then_eval_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(rows_path.read_text())
     plain = [r for r in rows if "@" not in r["condition"]]
-    conditions = {"truncation", "mean_gist", "gist", "full", "shuffled", "other_file", "zeroed", "lens", "gist_compact"}
+    conditions = {"truncation", "mean_gist", "last_input", "gist", "full", "shuffled", "other_file", "zeroed", "lens",
+                  "gist_compact"}  # fmt: skip
     assert {(r["budget"], r["condition"]) for r in plain} == {(w, c) for w in (64, 128) for c in conditions}
     for r in rows:
         assert r["ci_low"] <= r["nll"] <= r["ci_high"] and np.isfinite(r["nll"])
     by = {(r["budget"], r["condition"]): r["nll"] for r in plain}
     assert by[(64, "full")] == by[(128, "full")]
+    report = (out / "eval.json").read_bytes()
+
+    base_rows = tmp_path / "base.json"  # --base: the LoRA left out; its own report, the LoRA run's kept
+    result = runner.invoke(cli, [*evaluate[:4], str(base_rows), "--budgets", "64", *evaluate[7:], "--base"])
+    assert result.exit_code == 0, result.output
+    assert (out / "eval.json").read_bytes() == report
+    assert json.loads((out / "eval-base.json").read_text())["base_only"] is True
+    base = {(r["budget"], r["condition"]): r["nll"] for r in json.loads(base_rows.read_text())}
+    assert base[(64, "truncation")] != by[(64, "truncation")]  # one LoRA update moved the model
 
     # damage: a corrupt checkpoint and an unfinished run each give one clear line, no traceback
     (out / "checkpoints" / "cycle1-lora" / "lensnet.safetensors").write_bytes(b"not a safetensors file")

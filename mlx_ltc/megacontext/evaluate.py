@@ -4,8 +4,9 @@ working-context budgets, with paired bootstrap confidence intervals over files.
 Conditions, for a history (the file minus its last `horizon` tokens) and a budget W of positions:
 - truncation: the last W history tokens, raw, at positions 0..;
 - full: the whole history, raw (the upper bound);
-- mean_gist / gist: the recency tiling within W (newest blocks raw, older ones as L1 then L2 gists), gists
-  from mean pooling (the untrained floor) or from the trained compressor;
+- mean_gist / last_input / gist: the recency tiling within W (newest blocks raw, older ones as L1 then L2
+  gists), gists from mean pooling (the baseline), the last input (the untrained GistNet) or the trained
+  compressor;
 - controls on the same tiling: shuffled (the gists permuted among their entries), other_file (another
   file's gists at the same entries), zeroed (zero vectors).
 """
@@ -19,7 +20,8 @@ from mlx_ltc.train.loss import token_nll
 
 __all__ = ["CONDITIONS", "bootstrap_mean", "build_tree", "gap_closed", "plain_nll", "score_file"]
 
-CONDITIONS = ("truncation", "mean_gist", "gist", "full", "shuffled", "other_file", "zeroed")
+CONDITIONS = ("truncation", "mean_gist", "last_input", "gist", "full", "shuffled", "other_file", "zeroed")
+GISTED = ("mean_gist", "last_input", "gist")
 
 
 def plain_nll(model, prefix: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -39,7 +41,7 @@ def build_tree(history, width: int, gist) -> GistTree:
 def score_file(model, tokens: np.ndarray, budget: int, horizon: int, conditions, gists: dict, other=None,
                positions: str = "global", seed: int = 0) -> dict:  # fmt: skip
     """{condition: per-token NLL of the last `horizon` tokens}. gists: compressor per gist condition
-    ("mean_gist", "gist"); the controls take the "gist" one (else mean_gist). other: another file's tokens,
+    (`GISTED`); the controls take the "gist" one (else mean_gist). other: another file's tokens,
     for other_file."""
     history, target = tokens[:-horizon], tokens[-horizon:]
     width = model.model.embed_tokens.weight.shape[1]
@@ -50,7 +52,7 @@ def score_file(model, tokens: np.ndarray, budget: int, horizon: int, conditions,
         elif condition == "full":
             out[condition] = plain_nll(model, history, target)
         else:
-            key = condition if condition in ("mean_gist", "gist") else ("gist" if "gist" in gists else "mean_gist")
+            key = condition if condition in GISTED else ("gist" if "gist" in gists else "mean_gist")
             if key not in trees:
                 trees[key] = build_tree(history, width, gists[key])
             tree = trees[key]
@@ -62,7 +64,7 @@ def score_file(model, tokens: np.ndarray, budget: int, horizon: int, conditions,
 
 def _control(condition, tree, entries, other, width, gist, seed):
     """The gist lookup a control feeds instead of the tree's own (None: the tree's)."""
-    if condition in ("mean_gist", "gist"):
+    if condition in GISTED:
         return None
     if condition == "zeroed":
         return lambda level, index: np.zeros(width, np.float32)

@@ -32,7 +32,7 @@ from mlx_ltc.megacontext import lens as lensnet
 from mlx_ltc.megacontext.focus import Focus, extend
 from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
 from mlx_ltc.megacontext.train import train_gistnet
-from mlx_ltc.megacontext.tree import mean_gist
+from mlx_ltc.megacontext.tree import last_input, mean_gist
 from mlx_ltc.train.loss import token_nll
 
 __all__ = ["McOptions", "evaluate_run", "stream_focus", "train_run"]
@@ -386,7 +386,7 @@ def identifier_mask(f: dict, n_history: int, budget: int) -> np.ndarray:
     return mask
 
 
-CONDITIONS = ("truncation", "mean_gist", "gist", "shuffled", "other_file", "zeroed")
+CONDITIONS = ("truncation", "mean_gist", "last_input", "gist", "shuffled", "other_file", "zeroed")
 
 
 def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000, max_tokens: int = 6000,
@@ -401,7 +401,8 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
     embed = model.model.embed_tokens
     width = embed.weight.shape[1]
     trained = compressor(gist_net, embed, trained_levels=_trained_levels(opts))
-    gists = {"mean_gist": mean_gist(np.array(embed.weight)), "gist": trained}
+    table = np.array(embed.weight.astype(mx.float32))
+    gists = {"mean_gist": mean_gist(table), "last_input": last_input(table), "gist": trained}
     per_file, ident, streams = {}, {}, []
     from tqdm import tqdm
 
@@ -442,7 +443,7 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
                                "ci_high": high, "files": len(values),
                                "tokens": sum(ident[(w, "_tokens")])})  # fmt: skip
     for w in budgets:
-        for method in ("mean_gist", "gist", "gist_compact", "lens", "shuffled", "other_file", "zeroed"):
+        for method in ("mean_gist", "last_input", "gist", "gist_compact", "lens", "shuffled", "other_file", "zeroed"):
             point, low, high = ev.gap_closed(per_file[(w, "truncation")], per_file[(w, method)], per_file[(w, "full")])
             gaps.append({"budget": w, "condition": method, "gap_closed": point, "ci_low": low, "ci_high": high})
         diff = np.array(per_file[(w, "lens")]) - np.array(per_file[(w, "gist")])

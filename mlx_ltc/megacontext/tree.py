@@ -21,7 +21,7 @@ import numpy as np
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
 
-__all__ = ["BLOCK", "GistTree", "load", "mean_gist"]
+__all__ = ["BLOCK", "GistTree", "last_input", "load", "mean_gist"]
 
 BLOCK = 32
 LEVELS = 3  # raw tokens, L1, L2
@@ -126,9 +126,18 @@ def load(path: Path, model_id: str | None = None) -> GistTree:
 
 
 def mean_gist(embeddings: np.ndarray):
-    """The untrained floor's compressor: a block's mean input embedding (level 1) or mean gist (level 2)."""
+    """The mean-pooling baseline's compressor: a block's mean input embedding (level 1) or mean gist (level 2)."""
 
     def gist(level, inputs):
         return (embeddings[inputs] if level == 1 else np.asarray(inputs, np.float32)).mean(axis=0)
+
+    return gist
+
+
+def last_input(embeddings: np.ndarray):
+    """The untrained GistNet's compressor: a block's last token embedding (level 1) or last gist (level 2)."""
+
+    def gist(level, inputs):
+        return (embeddings[inputs[-1]] if level == 1 else np.asarray(inputs, np.float32)[-1]).astype(np.float32)
 
     return gist
