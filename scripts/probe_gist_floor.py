@@ -12,11 +12,13 @@ reads from it. This is the measurement behind GistNet's last-input floor (`megac
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_ltc.errors import UserError
 from mlx_ltc.megacontext import run as mc
 from mlx_ltc.megacontext.positions import forward_at
 from mlx_ltc.megacontext.train import sample_windows
@@ -30,10 +32,13 @@ def main():
     parser.add_argument("--split", default="85/10/5")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args()
-    _, val, _ = mc.repo_files(args.repo, "smollm2-135m", args.split, False, lambda m: None)
+    try:
+        _, val, _ = mc.repo_files(args.repo, "smollm2-135m", args.split, False, lambda m: None)
+        windows = sample_windows(val, 64, args.windows, np.random.default_rng(args.seed))
+    except (UserError, ValueError) as e:
+        sys.exit(f"error: {e}")
     model = mc._load_base("smollm2-135m").model
     embed = model.model.embed_tokens
-    windows = sample_windows(val, 64, args.windows, np.random.default_rng(args.seed))
     e = embed(windows).astype(mx.float32)
     sink = mx.broadcast_to(embed(mx.array([0])).astype(mx.float32)[None], (e.shape[0], 1, e.shape[-1]))
     mean = e[:, :32].mean(axis=1)
