@@ -424,7 +424,7 @@ def mc_group():
 @click.option("--contrast", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).")  # fmt: skip
 @click.option("--l2-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="GistNet updates at level 2 per cycle (0: L2 gists are the mean of the L1 gists).")  # fmt: skip
+              help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).")  # fmt: skip
 @click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")

@@ -55,7 +55,7 @@ class McOptions:
     batch: int = 2
     lr: float = 1e-3
     contrast: float = 1.0
-    l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones (0: L2 gists are L1 means)
+    l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones (0: an L2 gist is its last L1 gist)
     lora_rank: int = 4
     lora_layers: int = 4
     lora_lr: float = 2e-4
@@ -386,7 +386,7 @@ def identifier_mask(f: dict, n_history: int, budget: int) -> np.ndarray:
     return mask
 
 
-CONDITIONS = ("truncation", "mean_gist", "last_input", "gist", "shuffled", "other_file", "zeroed")
+CONDITIONS = tuple(c for c in ev.CONDITIONS if c != "full")  # full is scored once per file, not per budget
 
 
 def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000, max_tokens: int = 6000,

@@ -3,7 +3,7 @@ L2 gists (one per 32 L1 gists, i.e. 1,024 tokens).
 
 Append-only: tokens arrive at the end; each block that completes is gisted, and each 32 L1 gists that
 complete are gisted again; an incomplete tail stays raw. `gist(level, inputs)` is the compressor (GistNet,
-or mean pooling as the untrained floor): level 1 gets a block's 32 token ids, level 2 its 32 L1 gists, and
+or a fixed one: `last_input`, `mean_gist`): level 1 gets a block's 32 token ids, level 2 its 32 L1 gists, and
 both return one vector of `width` (the base model's embedding space).
 
 On disk a tree is a directory with one file per level, `level0.bin` (token ids, int32), `level1.bin`,
