@@ -146,16 +146,11 @@ def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
 def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
     """Inventory, import graph and derived training constants of a repository."""
     from mlx_ltc import atomic, data
-    from mlx_ltc.data import analyze, blobs
+    from mlx_ltc.data import analyze
 
     cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet)
-    cache = blobs.BlobCache(cache_dir / "blobs.sqlite", data.tokenizer_hash(tokenizer))
-    try:
-        corpus = data.Corpus(
-            scan, tokenizer, cfg.data, cache, log=lambda m: click.echo(m, err=True), progress=not quiet
-        )
-    finally:
-        cache.close()
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=log, progress=not quiet)
     result = corpus.analysis(profile)
     atomic.write_json(json_out, result)
     click.echo(analyze.table(result) + f"  written: {json_out}", nl=True)
@@ -277,13 +272,27 @@ def _int_list(ctx, param, value):
               help="Splits to measure perplexity on.")  # fmt: skip
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="RUN_A RUN_B",
               help="Put two evaluated runs side by side instead.")  # fmt: skip
+@click.option("--forgetting-tokens", type=click.IntRange(min=0), default=16_384, show_default=True,
+              help="Standard-library tokens scored: what the fine-tune costs outside the repo (0: none).")  # fmt: skip
+@click.option("--completion", is_flag=True,
+              help="Run the repo code-completion benchmark (instead of the measurements above).")  # fmt: skip
+@click.option("--completion-targets", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Held-out lines to complete: half cross-file lines, half random lines.")  # fmt: skip
+@click.option("--completion-lengths", callback=_int_list,
+              help="Prompt budgets in tokens [default: 512 and the trained length].")  # fmt: skip
+@click.option("--completion-modes", default=None,
+              help="in_file,cross_file[,fim] [default: in_file,cross_file, and fim with FIM tokens].")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, stream_corpus, chunk, qa_split, splits,
-             compare, json_out, quiet):  # fmt: skip
-    """Evaluate a finished run: perplexity, loss vs position, repo QA, streaming; report.md and plots."""
+             compare, forgetting_tokens, completion, completion_targets, completion_lengths, completion_modes,
+             json_out, quiet):  # fmt: skip
+    """Evaluate a finished run: perplexity (held-out files and commit chains), loss vs position, repo QA,
+    streaming, the forgetting check; or, with --completion, the repo code-completion benchmark. Each is
+    kept in report.json["eval"], report.md and plots/."""
     from mlx_ltc import atomic
     from mlx_ltc.eval import report
+    from mlx_ltc.eval.completion import CompletionOptions
     from mlx_ltc.eval.run import EvalOptions, run_eval
 
     if compare:
@@ -296,9 +305,14 @@ def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, str
         return
     if run_dir is None:
         raise UserError("give a run directory (mlx-ltc eval RUN_DIR) or --compare RUN_A RUN_B")
+    benchmark = None
+    if completion:
+        modes = tuple(m.strip() for m in completion_modes.split(",") if m.strip()) if completion_modes else ()
+        benchmark = CompletionOptions(targets=completion_targets, budgets=tuple(completion_lengths), modes=modes)
     opts = EvalOptions(base=base, lengths=lengths, context_tokens=context_tokens, windows=windows,
                        stream_tokens=stream_tokens, stream_corpus=stream_corpus, chunk=chunk, qa_split=qa_split,
-                       splits=tuple(splits.split(",")), progress=not quiet)  # fmt: skip
+                       splits=tuple(splits.split(",")), forgetting_tokens=forgetting_tokens, completion=benchmark,
+                       progress=not quiet)  # fmt: skip
     results = run_eval(run_dir, opts)
     if json_out:
         atomic.write_json(json_out, results)

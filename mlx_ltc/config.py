@@ -31,6 +31,7 @@ class DataConfig:
     fim_rate: float = 0.5  # share of train documents in fill-in-the-middle form, when the tokenizer has FIM tokens
     chains: bool = True  # commit-evolution chains from git history
     chain_versions: int = 6  # newest versions per chain
+    chain_share: float = 1.0  # most of a split's tokens chains may take (whole chains dropped at random); 1: no cap
     qa: bool = True  # long-context QA probes for val/test
     qa_per_bucket: int = 8  # probes per distance bucket and split
     qa_max_len: int = 0  # longest probe prompt; 0 = seq_len
@@ -130,6 +131,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What train's final report measures besides validation perplexity (`mlx-ltc eval` measures more)."""
+
+    completion_targets: int = 32  # held-out lines completed by the base and the adapted model (0: none)
+    completion_modes: list = field(default_factory=lambda: ["in_file", "cross_file"])  # at the trained length
+    forgetting_tokens: int = 8192  # standard-library tokens scored by both models (0: no forgetting check)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +150,7 @@ class Config:
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -241,9 +252,11 @@ def validate(config: Config) -> None:
         shares = []
     if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
         raise UserError(f"config: data.split must be train/val/test shares like 85/10/5, got {d.split!r}")
-    if not (0 <= d.fim_rate <= 1 and 0 <= d.augment <= 1 and 0 < d.near_duplicate <= 1 and 0 <= d.min_entropy < 1):
+    if not (0 <= d.fim_rate <= 1 and 0 <= d.augment <= 1 and 0 < d.near_duplicate <= 1 and 0 <= d.min_entropy < 1
+            and 0 <= d.chain_share <= 1):  # fmt: skip
         raise UserError(
-            "config: data.fim_rate, data.augment, data.min_entropy must be in [0, 1], near_duplicate in (0, 1]"
+            "config: data.fim_rate, data.augment, data.min_entropy, data.chain_share must be in [0, 1], "
+            "near_duplicate in (0, 1]"
         )
     if min(d.weight_core, d.weight_test, d.weight_doc, d.weight_other) < 0:
         raise UserError("config: data.weight_* must be 0 or more")
@@ -261,6 +274,12 @@ def validate(config: Config) -> None:
         raise UserError("config: stability.spike_factor must be above 1 and checkpoint.save_every 0 or more")
     if not config.lora.targets:
         raise UserError("config: lora.targets must name at least one module")
+    e = config.eval
+    if e.completion_targets < 0 or e.forgetting_tokens < 0 or e.completion_targets == 1:
+        raise UserError("config: eval.completion_targets must be 0 or at least 2, eval.forgetting_tokens 0 or more")
+    bad = [m for m in e.completion_modes if m not in ("in_file", "cross_file", "fim")]
+    if bad or (e.completion_targets and not e.completion_modes):
+        raise UserError(f"config: eval.completion_modes must be in_file, cross_file or fim, got {e.completion_modes}")
 
 
 def load_file(path) -> dict:

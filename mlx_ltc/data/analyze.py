@@ -65,6 +65,7 @@ def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_has
         lang["bytes"] += i.bytes
         lang["tokens"] += len(i.tokens)
     p95 = float(np.percentile(tokens, 95)) if len(tokens) else 0.0
+    skipped = set(graph.skipped)
     constants = derive(
         p95, graph.mean_depth, len(infos), int(tokens.sum()),
         profile["max_seq_len"] if profile else None, profile["batch_size"] if profile else 1, seq_len=seq_len,
@@ -97,6 +98,7 @@ def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_has
         "imports": graph.edges,
         "import_graph": {
             "edges": len(graph.edges),
+            "edges_to_skipped_files": sum(d in skipped for _, d in graph.edges),
             "mean_depth": graph.mean_depth,
             "max_depth": max(graph.depth.values(), default=0),
             "components": graph.components,
@@ -116,7 +118,8 @@ def table(a: dict) -> str:
     ft, g = a["file_tokens"], a["import_graph"]
     lines.append(f"  file tokens: median {ft['median']:,.0f}, p95 {ft['p95']:,.0f}, max {ft['max']:,}")
     lines.append(
-        f"  imports: {g['edges']:,} edges resolved to repo files; mean depth {g['mean_depth']:.2f}, "
+        f"  imports: {g['edges']:,} edges resolved to repo files ({g.get('edges_to_skipped_files', 0):,} to skipped "
+        f"ones); mean depth {g['mean_depth']:.2f}, "
         f"max {g['max_depth']}; import cycles (strongly connected components): {len(g['components'])}"
     )
     if a["skipped"]:

@@ -53,12 +53,22 @@ class Corpus:
             raise UserError(f"repo {scan.root} has no usable source files after filtering ({counts})")
         texts = {f.path: f.text for f in scan.files}
         read = lambda p: texts.get(p) or ""
-        edges = syntax.resolve_all({p: i.syntax for p, i in self.infos.items()}, sorted(self.infos), read)
-        self.graph = graph.ImportGraph.build(self.infos, edges)
+        everything = sorted({f.path for f in scan.files} | {p for p, _ in self.skipped})
+        edges = syntax.resolve_all({p: i.syntax for p, i in self.infos.items()}, everything, read)
+        self.graph = graph.ImportGraph.build(self.infos, edges, skipped=everything)
         core = quality.most_imported(self.graph.in_degree) if not cfg.core_paths else set()
         self.roles = {p: quality.role(p, cfg.core_paths, core) for p in self.infos}
         self.splits = split.assign(self.infos, fractions(cfg), cfg.split_by, salt=str(cfg.seed) if cfg.seed else "")
         self.texts = texts
+
+    @classmethod
+    def cached(cls, scan, tokenizer, cfg: DataConfig, cache_dir: Path, log=print, progress=True) -> "Corpus":
+        """A Corpus whose per-file work comes from (and goes to) the blob cache in `cache_dir`."""
+        cache = blobs.BlobCache(Path(cache_dir) / "blobs.sqlite", formats.tokenizer_hash(tokenizer))
+        try:
+            return cls(scan, tokenizer, cfg, cache, log=log, progress=progress)
+        finally:
+            cache.close()
 
     def _filter(self, infos):
         kept, by_hash, signatures = [], {}, {}
@@ -170,11 +180,13 @@ def build(corpus: Corpus, out: Path, seq_len: int, analysis: dict, progress=True
             "packing_efficiency": useful / capacity if capacity else 0.0,
             "splits": stats,
             "files_by_split": {s: sorted(p for p in corpus.infos if corpus.splits[p] == s) for s in split.SPLITS},
+            "blobs": {p: blobs.blob_hash(corpus.texts[p].encode("utf-8")) for p in sorted(corpus.infos)},
             "files": len(corpus.infos),
             "skipped": _counts(corpus.skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in corpus.skipped],
             "dedup": corpus.dedup | {"near_pairs": corpus.near_pairs[:100]},
             "documents": dict(Counter(d["kind"] for d in docs)),
+            "mix": mix(docs),
             "segmented_files": sum(1 for d in docs if d["part"] == 1 and d["kind"] != "chain"),
             "fim": {"rate": cfg.fim_rate if fim_on else 0.0, "documents": sum(d["kind"] == "fim" for d in docs)},
             "augmented_files": len(augmented),
@@ -187,6 +199,14 @@ def build(corpus: Corpus, out: Path, seq_len: int, analysis: dict, progress=True
         }
         atomic.write_json(tmp / "metadata.json", meta)
     return meta
+
+
+def mix(docs) -> dict:
+    """Tokens (headers included) per split and document kind: what each split is made of."""
+    out = {s: {} for s in split.SPLITS}
+    for d in docs:
+        out[d["split"]][d["kind"]] = out[d["split"]].get(d["kind"], 0) + d["tokens"]
+    return out
 
 
 def _segments(corpus, path, content, budget, augmented_text=None) -> list:
@@ -229,6 +249,8 @@ def _chains(corpus, by_split, docs, room, weights) -> dict:
     if corpus.scan.listing != "git":
         corpus.log("data: not a git repository: no commit-evolution chains")
         return {"chains": 0, "note": "not a git repository"}
+    if cfg.chain_share == 0:
+        return {"chains": 0, "note": "data.chain_share is 0"}
     hist = history.commit_chains(corpus.scan.root, sorted(corpus.infos), max_versions=cfg.chain_versions)
     if hist.note:
         corpus.log(f"data: {hist.note}")
@@ -241,24 +263,45 @@ def _chains(corpus, by_split, docs, room, weights) -> dict:
     native = all(markers.commit.values())  # then the bodies hold commit markers
     bodies = corpus.encode.markup(texts) if native else corpus.encode(texts)
     header_ids = corpus.encode.markup(heads)
-    n = 0
-    for chain, body, text, header in zip(hist.chains, bodies, texts, header_ids):
+    pieces = []  # per chain: (tokens, header length) of each of its documents
+    for body, text, header in zip(bodies, texts, header_ids):
         body, header = np.asarray(body, dtype=np.int32), np.asarray(header, dtype=np.int32)
         budget = room - len(header)
         starts = [0]
         if len(body) > budget:
             offsets = corpus.encode.byte_starts(body, text)
             starts = segment.cut(len(body), budget, segment.boundary_levels(text.encode("utf-8"), offsets, None))
+        ends = starts[1:] + [len(body)]
+        pieces.append([(np.concatenate([header, body[a:b]]), len(header)) for a, b in zip(starts, ends)])
+    kept = _within_share(hist.chains, pieces, corpus, by_split, np.random.default_rng(cfg.seed + 1))
+    for chain, parts in zip(hist.chains, pieces):
+        if chain.path not in kept:
+            continue
         s, role = corpus.splits[chain.path], corpus.roles[chain.path]
-        for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(body)])):
-            tokens = np.concatenate([header, body[a:b]])
-            by_split[s].append(pack.Doc(tokens, len(header), len(docs)))
+        for k, (tokens, header) in enumerate(parts):
+            by_split[s].append(pack.Doc(tokens, header, len(docs)))
             docs.append({"id": len(docs), "path": chain.path, "split": s, "kind": "chain", "part": k,
-                         "parts": len(starts), "role": role, "weight": weights[role], "tokens": len(tokens),
+                         "parts": len(parts), "role": role, "weight": weights[role], "tokens": len(tokens),
                          "versions": len(chain.versions), "augmented": False})  # fmt: skip
-        n += 1
-    return {"chains": n, "versions": sum(len(c.versions) for c in hist.chains), "commits": hist.commits,
-            "shallow": hist.shallow, "skipped": hist.skipped, "note": hist.note}  # fmt: skip
+    return {"chains": len(kept), "versions": sum(len(c.versions) for c in hist.chains if c.path in kept),
+            "commits": hist.commits, "shallow": hist.shallow, "skipped": hist.skipped, "note": hist.note,
+            "share": cfg.chain_share, "dropped_for_share": len(hist.chains) - len(kept)}  # fmt: skip
+
+
+def _within_share(chains, pieces, corpus, by_split, rng) -> set:
+    """Paths of the chains kept so that in every split chains take at most `chain_share` of the tokens:
+    whole chains, in a seeded random order, each kept while it still fits."""
+    share = corpus.cfg.chain_share
+    if share >= 1:
+        return {c.path for c in chains}
+    room = {s: share / (1 - share) * sum(len(d.tokens) for d in docs) for s, docs in by_split.items()}
+    kept = set()
+    for i in rng.permutation(len(chains)):
+        s, size = corpus.splits[chains[i].path], sum(len(tokens) for tokens, _ in pieces[i])
+        if size <= room[s]:
+            room[s] -= size
+            kept.add(chains[i].path)
+    return kept
 
 
 def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus, dtype) -> dict:

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from functools import cache
 
-__all__ = ["Definition", "Syntax", "language_of", "parse", "resolver", "resolve_all"]
+__all__ = ["Definition", "Syntax", "language_of", "line_roles", "parse", "resolver", "resolve_all"]
 
 _MODULES = ("python", "javascript", "java", "rust", "go", "c")
 
@@ -117,3 +117,38 @@ def resolve_all(syntaxes: dict, paths, read) -> list:
             for spec in syn.imports:
                 edges.update((src, dst) for dst in r.resolve(src, spec) if dst != src)
     return sorted(edges)
+
+
+# Node types, across the grammars, whose text is prose rather than code, and those that import.
+_PROSE = {"string", "template_string", "string_literal", "raw_string_literal", "interpreted_string_literal",
+          "text_block", "concatenated_string", "char_literal"}  # fmt: skip
+_IMPORTS = {"import_statement", "import_from_statement", "future_import_statement", "import_declaration",
+            "package_declaration", "package_clause", "use_declaration", "extern_crate_declaration",
+            "preproc_include"}  # fmt: skip
+
+
+def line_roles(path: str, source: bytes) -> list | None:
+    """What each line of a file starts with, by the node its first non-blank byte lies in: "blank",
+    "prose" (a comment or string: docstrings, comment lines, the inside of a multi-line string),
+    "import" (an import, package or include statement) or "code". None without a grammar."""
+    entry = _suffix_entry(path)
+    if entry is None:
+        return None
+    root = _parser(*entry).parse(source).root_node
+    roles, start = [], 0
+    for line in source.split(b"\n"):
+        stripped = len(line) - len(line.lstrip())
+        if stripped == len(line):
+            roles.append("blank")
+        else:
+            b = start + stripped
+            node, role = root.descendant_for_byte_range(b, b), "code"
+            while node is not None and role == "code":
+                if "comment" in node.type or node.type in _PROSE:
+                    role = "prose"
+                elif node.type in _IMPORTS:
+                    role = "import"
+                node = node.parent
+            roles.append(role)
+        start += len(line) + 1
+    return roles
