@@ -66,13 +66,7 @@ def apply_profile(cfg: Config, p) -> str:
 
 def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profile=None, progress=True):
     """analyze + build: the dataset in `out` and the analysis. Fills cfg.data.seq_len when open."""
-    from mlx_ltc.data import blobs
-
-    cache = blobs.BlobCache(Path(cache_dir) / "blobs.sqlite", data.tokenizer_hash(tokenizer))
-    try:
-        corpus = data.Corpus(scan, tokenizer, cfg.data, cache, log=_log, progress=progress)
-    finally:
-        cache.close()
+    corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
     derived = analysis["constants"]
     cfg.data.seq_len = cfg.data.seq_len or derived["seq_len"]["value"]
@@ -93,7 +87,20 @@ def data_summary(meta: dict) -> str:
         extras.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(meta["skipped"].items())))
     if meta["cache"]["cached"]:
         extras.append(f"{meta['cache']['cached']} files from cache")
-    return line + (f" ({'; '.join(extras)})" if extras else "")
+    return line + (f" ({'; '.join(extras)})" if extras else "") + "\n" + mix_summary(meta)
+
+
+def mix_summary(meta: dict) -> str:
+    """One line per split: its tokens by document kind, with the chains' share."""
+    lines = []
+    for name, kinds in meta["mix"].items():
+        total = sum(kinds.values())
+        parts = ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
+        chains = f" (chains {kinds.get('chain', 0) / total:.0%})" if total else ""
+        lines.append(f"  {name}: {total:,} tokens: {parts}{chains}")
+    cap = meta["config"].get("chain_share", 1.0)
+    head = "data mix" + (f" (chains capped at {cap:.0%} of each split)" if cap < 1 else "")
+    return head + ":\n" + "\n".join(lines)
 
 
 def default_out(repo: Path) -> Path:
@@ -164,7 +171,7 @@ def run_train(
     base = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval base", progress)
     _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
     atomic.write_json(out / BASE_EVAL, asdict(base))
-    return _train_and_report(cfg, compute_with, loaded, out, progress, started)
+    return _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir)
 
 
 def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> dict:
@@ -189,10 +196,10 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     if not model_dir.is_dir():
         model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = compute_with.load(model_dir, cfg, _log)
-    return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, resume=True, max_steps=max_steps)
+    return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps)
 
 
-def _train_and_report(cfg, compute_with, loaded, out, progress, started, resume=False, max_steps=None) -> dict:
+def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir, resume=False, max_steps=None):
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
     meta = data.load_metadata(out / "data")
     if meta["tokenizer_hash"] != data.tokenizer_hash(loaded.tokenizer):
@@ -211,9 +218,10 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, resume=
     result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps)
     compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
     adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)
-
-    def ppl(p):
-        return {"val_loss": p["loss"], "val_ppl": p["ppl"], "val_tokens": p["tokens"]}
+    if compute_with.name == "mlx":
+        beyond = final_measures(cfg, loaded, out, meta, Path(info["repo"]), cache_dir, progress)
+    else:
+        beyond = {"notes": ["--backend torch: no completion benchmark or forgetting check (they run on MLX)"]}
 
     report = {
         "mlx_ltc_version": __version__,
@@ -228,10 +236,12 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, resume=
             "packing_efficiency": meta["packing_efficiency"],
             "skipped": meta["skipped"],
             "files": {k: len(v) for k, v in meta["files_by_split"].items()},
+            "mix": meta.get("mix"),
         },
-        "base": ppl(base),
-        "adapted": ppl(asdict(adapted)),
+        "base": val_numbers(base),
+        "adapted": val_numbers(asdict(adapted)),
         "train": asdict(result),
+        **beyond,
         "wall_s": time.perf_counter() - started,
         "resumed": resume,
     }
@@ -241,17 +251,96 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, resume=
     return report
 
 
+def val_numbers(p: dict) -> dict:
+    """A validation perplexity for the report: overall, and of held-out files and commit chains alone."""
+    kinds = p.get("by_kind", {})
+    file, chain = kinds.get("file"), kinds.get("chain")
+    return {
+        "val_loss": p["loss"], "val_ppl": p["ppl"], "val_tokens": p["tokens"],
+        "file_ppl": file and file["ppl"], "file_tokens": file["tokens"] if file else 0,
+        "chain_ppl": chain and chain["ppl"], "chain_tokens": chain["tokens"] if chain else 0,
+    }  # fmt: skip
+
+
+def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Path, progress: bool) -> dict:
+    """What the report measures after training beside validation perplexity, for the base model (the
+    adapters switched off) and the adapted one: the forgetting check and the completion benchmark at
+    the trained length. A problem with either is a note in the report, never a lost run."""
+    from mlx_ltc.eval import completion, forgetting, perplexity
+    from mlx_ltc.train import adapters_off
+
+    model, tokenizer, e = loaded.model, loaded.tokenizer, cfg.eval
+    found, notes = {}, []
+    if e.forgetting_tokens:
+        sample, source = forgetting.sample(tokenizer, e.forgetting_tokens, cfg.data.seq_len)
+        with adapters_off(model):
+            before = perplexity(model, sample, cfg.train.eval_batch_size, "forgetting: base", progress)
+        after = perplexity(model, sample, cfg.train.eval_batch_size, "forgetting: adapted", progress)
+        source["files"] = len(source["files"])
+        found["forgetting"] = {"base": asdict(before), "adapted": asdict(after), **source}
+        _log(f"eval: {source['source']}: perplexity base {before.ppl:.3f} -> adapted {after.ppl:.3f}")
+    modes = [m for m in e.completion_modes if m != "fim" or loaded_has_fim(tokenizer)]
+    if e.completion_targets and modes:
+        opts = completion.CompletionOptions(e.completion_targets, (cfg.data.seq_len,), tuple(modes))
+        started = time.perf_counter()
+        try:
+            corpus = data.Corpus.cached(data.scan(repo, cfg.data.max_file_bytes), tokenizer, cfg.data, cache_dir,
+                                        log=lambda m: None, progress=False)  # fmt: skip
+            bench = completion.Benchmark.build(corpus, meta, opts)
+        except UserError as err:
+            notes.append(f"no completion benchmark: {err}")
+        else:
+            measure = lambda name: completion.measure(model, tokenizer, bench, name, opts.max_tokens, progress=progress)  # noqa: E731
+            with adapters_off(model):
+                results = {"base": measure("base")}
+            results["adapted"] = measure("adapted")
+            found.update(completion.section(bench, results, opts, time.perf_counter() - started))
+            atomic.write_jsonl(out / "completion.jsonl", completion.records(bench, results))
+    if len(modes) < len(e.completion_modes):
+        notes.append("completion mode fim left out: this tokenizer has no FIM tokens")
+    for note in notes:
+        _log(f"eval: {note}")
+    return {**found, "notes": notes}
+
+
+def loaded_has_fim(tokenizer) -> bool:
+    return data.markers(tokenizer).fim is not None
+
+
+def _ppl_change(before, after) -> str:
+    return f"base {before:.3f} -> adapted {after:.3f} ({(after / before - 1) * 100:+.1f}%)"
+
+
 def summary(report: dict) -> str:
+    from mlx_ltc.eval import completion
+
     b, a, t = report["base"], report["adapted"], report["train"]
-    change = (a["val_ppl"] / b["val_ppl"] - 1) * 100
+    files = report["data"]["files"]
     minutes, seconds = divmod(int(t["wall_s"]), 60)
+    if a.get("file_ppl") and b.get("file_ppl"):
+        head = f"held-out files' perplexity {_ppl_change(b['file_ppl'], a['file_ppl'])}"
+        lines = [f"  held-out files ({files['val']} val files): {_ppl_change(b['file_ppl'], a['file_ppl'])}, "
+                 f"over {a['file_tokens']:,} tokens"]  # fmt: skip
+        if a.get("chain_ppl") and b.get("chain_ppl"):
+            lines.append(f"  their commit chains: {_ppl_change(b['chain_ppl'], a['chain_ppl'])}, "
+                         f"over {a['chain_tokens']:,} tokens")  # fmt: skip
+    else:  # a report from before perplexity was split by document kind
+        head = f"validation perplexity {_ppl_change(b['val_ppl'], a['val_ppl'])}"
+        lines = []
+    forgot = report.get("forgetting")
+    if forgot:
+        lines.append(f"  outside the repo ({forgot['source']}, {forgot['tokens']:,} tokens): "
+                     f"{_ppl_change(forgot['base']['ppl'], forgot['adapted']['ppl'])}")  # fmt: skip
+    line = completion.headline(report.get("completion") or [])
+    if line:
+        lines.append(f"  {line}")
+    lines += [f"  note: {n}" for n in report.get("notes", [])]
     return (
-        f"fine-tuned {report['model']} on {Path(report['repo']).name} "
-        f"({report['data']['files']['train']} train / {report['data']['files']['val']} val files)\n"
-        f"  validation perplexity: base {b['val_ppl']:.3f} -> adapted {a['val_ppl']:.3f} ({change:+.1f}%), "
-        f"over {a['val_tokens']:,} tokens\n"
-        f"  training: {t['steps']} steps, {t['tokens']:,} tokens in {minutes}m{seconds:02d}s "
-        f"({t['tokens_per_s']:.0f} tokens/s), peak memory {t['peak_memory_gb']:.2f} GB\n"
+        f"fine-tuned {report['model']} on {Path(report['repo']).name}: {head}\n"
+        + "".join(x + "\n" for x in lines)
+        + f"  training: {t['steps']} steps, {t['tokens']:,} tokens in {minutes}m{seconds:02d}s "
+        f"({t['tokens_per_s']:.0f} tokens/s), peak memory {t['peak_memory_gb']:.2f} GB; "
+        f"{files['train']} train files\n"
         + (f"  run ended: {t['curriculum']['stopped']}\n" + t["curriculum"]["tables"] if t.get("curriculum") else "")
         + f"  adapters: {report['adapter_dir']}\n"
         f"  try: mlx_lm.generate --model {report['model_dir']} --adapter-path {report['adapter_dir']} --prompt '...'\n"

@@ -1,14 +1,16 @@
-"""Evaluation: perplexity over a split's real tokens (every token counts once, whatever its role weight)."""
+"""Evaluation: perplexity over a split's real tokens (every token counts once, whatever its role weight),
+overall and by document kind (held-out files, commit chains)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_ltc.data import Split
+from mlx_ltc.data.dataset import KINDS
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.loss import head_of, nll_sum_chunked, token_nll
+from mlx_ltc.train.loss import head_of, token_nll
 
 
 @dataclass
@@ -16,6 +18,50 @@ class Perplexity:
     loss: float  # mean NLL per predicted token (nats)
     ppl: float
     tokens: int
+    by_kind: dict = field(default_factory=dict)  # "file" / "chain" / ... -> {"loss", "ppl", "tokens"}
+
+    def of(self, kind: str):
+        """(ppl, tokens) of one document kind, or (None, 0) when the split has none."""
+        k = self.by_kind.get(kind)
+        return (k["ppl"], k["tokens"]) if k else (None, 0)
+
+
+class Tally:
+    """Summed NLL and target counts, overall and per document kind."""
+
+    def __init__(self):
+        self.sums, self.counts = np.zeros(len(KINDS) + 1), np.zeros(len(KINDS) + 1, dtype=np.int64)
+
+    def add(self, nll: np.ndarray, kind: np.ndarray) -> None:
+        """nll, kind: (B, T) per-target NLL and kind codes (0: not a real target)."""
+        self.sums += np.bincount(kind.ravel(), weights=nll.ravel().astype(np.float64), minlength=len(self.sums))
+        self.counts += np.bincount(kind.ravel(), minlength=len(self.counts))
+
+    def result(self) -> Perplexity:
+        total, count = self.sums[1:].sum(), int(self.counts[1:].sum())
+        if count == 0:
+            raise UserError("nothing to evaluate: the split has no real targets")
+        by_kind = {
+            name: {"loss": s / n, "ppl": math.exp(s / n), "tokens": int(n)}
+            for name, s, n in zip(KINDS, self.sums[1:], self.counts[1:])
+            if n
+        }
+        return Perplexity(loss=total / count, ppl=math.exp(total / count), tokens=count, by_kind=by_kind)
+
+
+def target_nll(model, tokens: mx.array, chunk: int = 128) -> np.ndarray:
+    """(B, T-1) next-token NLL of every position, the LM head `chunk` positions at a time (never
+    (B, T, V) logits)."""
+    head = head_of(model)
+    hidden = model.model(tokens[:, :-1])
+    width = tokens.shape[1] - 1
+    parts = []
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        nll = token_nll(head(hidden[:, start:end]).astype(mx.float32), tokens[:, start + 1 : end + 1])
+        mx.eval(nll)
+        parts.append(np.array(nll, dtype=np.float64))
+    return np.concatenate(parts, axis=1)
 
 
 def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", progress: bool = True) -> Perplexity:
@@ -24,42 +70,24 @@ def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", pro
     from tqdm import tqdm
 
     model.eval()
-    total, count = 0.0, 0
-    for tokens, real in tqdm(
-        _real_batches(split, batch_size),
-        total=math.ceil(len(split) / batch_size),
-        desc=desc,
-        unit="batch",
-        disable=None if progress else True,
-        leave=False,
-    ):
-        s, n = nll_sum_chunked(model, tokens, real, chunk=128)  # never (B, L, V) logits
-        mx.eval(s, n)
-        total += s.item()
-        count += n.item()
-    loss = total / count
-    return Perplexity(loss=loss, ppl=math.exp(loss), tokens=int(count))
+    tally = Tally()
+    kinds = split.kinds()
+    starts = range(0, len(split), batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+        tally.add(target_nll(model, mx.array(split.tokens[s : s + batch_size])), kinds[s : s + batch_size])
+    return tally.result()
 
 
 def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128):
-    """(loss, NLL summed per position (L-1,), real targets per position (L-1,)) over the split's real
-    targets; position i predicts token i+1. Never holds more than `chunk` positions of logits."""
+    """(perplexity, NLL summed per position (L-1,), real targets per position (L-1,)) over the split's
+    real targets; position i predicts token i+1. Never holds more than `chunk` positions of logits."""
     model.eval()
-    head = head_of(model)
     width = split.tokens.shape[1] - 1
     total, count = np.zeros(width), np.zeros(width)
-    for tokens, real in _real_batches(split, batch_size):
-        hidden = model.model(tokens[:, :-1])
-        for start in range(0, width, chunk):
-            end = min(start + chunk, width)
-            logits = head(hidden[:, start:end]).astype(mx.float32)
-            nll = token_nll(logits, tokens[:, start + 1 : end + 1]) * real[:, start:end]
-            mx.eval(nll)
-            total[start:end] += np.array(nll.sum(axis=0), dtype=np.float64)
-        count += np.array(real.sum(axis=0), dtype=np.float64)
-    return float(total.sum() / max(count.sum(), 1)), total, count
-
-
-def _real_batches(split: Split, batch_size: int):
+    tally, kinds = Tally(), split.kinds()
     for s in range(0, len(split), batch_size):
-        yield mx.array(split.tokens[s : s + batch_size]), mx.array(split.real[s : s + batch_size].astype("float32"))
+        nll, kind = target_nll(model, mx.array(split.tokens[s : s + batch_size]), chunk), kinds[s : s + batch_size]
+        tally.add(nll, kind)
+        total += (nll * (kind > 0)).sum(axis=0)
+        count += (kind > 0).sum(axis=0)
+    return tally.result(), total, count

@@ -8,14 +8,21 @@ from pathlib import Path
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
 
-PLOTS = ("training", "loss_vs_position", "ppl_vs_length", "qa_vs_distance", "memory")
+PLOTS = ("training", "loss_vs_position", "ppl_vs_length", "qa_vs_distance", "memory", "completion")
+CLASSIC = ("models", "seq_len", "stream_source", "windows", "lengths", "qa_split", "perplexity", "context", "qa",
+           "streaming", "forgetting", "wall_s")  # fmt: skip
 
 
 def write(run_dir: Path, results: dict) -> None:
+    """Merge one evaluation's entries into report.json["eval"] (the completion benchmark and the rest are
+    measured by separate runs of `eval` and kept side by side), then rewrite report.md and the plots."""
     run_dir = Path(run_dir)
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-    report["eval"] = results
+    old = report.get("eval", {})
+    if "perplexity" in results:  # a new measurement of these replaces all of the old one
+        old = {k: v for k, v in old.items() if k not in CLASSIC}
+    report["eval"] = {**old, **results}
     plots(run_dir, report)
     atomic.write_text(run_dir / "report.md", markdown(report, run_dir.name))
     atomic.write_json(report_path, report)
@@ -35,23 +42,91 @@ def _table(header: list, rows: list) -> list:
 
 def markdown(report: dict, name: str) -> str:
     ev = report["eval"]
-    models = ev["models"]
     lines = [f"# Evaluation of {name}", ""]
     if report.get("model"):
         t = report.get("train", {})
         repo = Path(report.get("repo", "")).name
+        length = report.get("data", {}).get("seq_len") or ev.get("seq_len", 0)
         lines += [f"Model `{report['model']}`, fine-tuned on `{repo}` for {t.get('steps', '?')} steps "
-                  f"({t.get('tokens', 0):,} tokens) at length {ev['seq_len']:,}.", ""]  # fmt: skip
-    lines += ["## Perplexity", "", "Token-weighted over each split's real tokens (no prefix, no padding).", ""]
+                  f"({t.get('tokens', 0):,} tokens) at length {length:,}.", ""]  # fmt: skip
+    if "completion" in ev:
+        lines += _completion_md(ev)
+    if "perplexity" in ev:
+        lines += _classic_md(ev)
+    lines += ["## Training", "", "![training](plots/training.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _fraction(x, ci=None) -> str:
+    text = f"{x:.1%}"
+    return text + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
+
+
+def _signed(x, ci) -> str:
+    return f"{x * 100:+.1f} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+
+
+def _completion_md(ev: dict) -> list:
+    info, rows = ev["completion_info"], ev["completion"]
+    kinds = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
+    n, splits = sum(info["targets"].values()), " and ".join(info["splits"])
+    lines = ["## Completion of held-out code", "",
+             f"{n} lines of {info['target_files']} held-out files ({splits} split): "
+             f"{info['targets']['cross_file_line']} cross-file lines (they use a name defined in a file "
+             f"their file imports) and {info['targets']['random_line']} random code lines, completed greedily to "
+             f"the end of the line (at most {info['max_tokens']} tokens). Modes: `in_file` (the file's text before "
+             "the line), `cross_file` (its dependencies in the training format too), `fim` (and the text after "
+             "it). Budget: prompt tokens. EM: exact match (whitespace normalised), ES: edit similarity, "
+             "identifier F1; [95% CI] by resampling files.", ""]  # fmt: skip
+    lines += [f"Note: {note}." for note in info.get("notes", [])] + ([""] if info.get("notes") else [])
+    order = sorted(rows, key=lambda r: (r["kind"], r["mode"], r["budget"], r["model"] != "base"))
+    table = [[kinds[r["kind"]], r["mode"], f"{r['budget']:,}", r["model"], r["targets"],
+              _fraction(r["em"], r["em_ci"]), f"{r['es']:.3f}", f"{r['id_f1']:.3f}",
+              f"{r['in_file_tokens']:,.0f} / {r['cross_file_tokens']:,.0f}"] for r in order]  # fmt: skip
+    header = ["lines", "mode", "budget", "model", "n", "EM [95% CI]", "ES", "id F1", "in-file / cross-file tokens"]
+    lines += _table(header, table) + [""]
+    paired = ev.get("completion_paired", [])
+    if paired:
+        lines += ["Paired differences (percentage points; the same lines on both sides):", ""]
+        table = [[p["compare"], kinds[p["kind"]], p.get("mode") or p.get("model"), f"{p['budget']:,}", p["targets"],
+                  _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]), _signed(p["id_f1"], p["id_f1_ci"])]
+                 for p in paired]  # fmt: skip
+        lines += _table(["difference", "lines", "mode / model", "budget", "n", "EM", "ES", "id F1"], table) + [""]
+    lines += ["Each line with every model's completion: `completion.jsonl`.", "",
+              "![completion](plots/completion.png)", ""]  # fmt: skip
+    return lines
+
+
+def _classic_md(ev: dict) -> list:
+    models = ev["models"]
+    lines = ["## Perplexity", "",
+             "Token-weighted over each split's real tokens (no prefix, no padding); held-out files and the commit "
+             "chains of those files separately.", ""]  # fmt: skip
     rows = []
     for split in ev["perplexity"][models[-1]]:
-        cells = [split] + [f"{ev['perplexity'][m][split]['ppl']:.3f}" for m in models]
-        cells.append(f"{ev['perplexity'][models[-1]][split]['tokens']:,}")
+        for kind in ("all", "file", "chain"):
+            cells, numbers = [split, kind], []
+            for m in models:
+                p = ev["perplexity"][m][split]
+                k = p if kind == "all" else p.get("by_kind", {}).get(kind)
+                numbers.append(k)
+            if any(k is None for k in numbers):
+                continue
+            cells += [f"{k['ppl']:.3f}" for k in numbers] + [f"{numbers[-1]['tokens']:,}"]
+            if len(models) == 2:
+                cells.append(f"{(numbers[1]['ppl'] / numbers[0]['ppl'] - 1):+.1%}")
+            rows.append(cells)
+    lines += _table(["split", "documents", *models, "tokens"] + (["change"] if len(models) == 2 else []), rows)
+    lines += [""]
+    forgot = ev.get("forgetting")
+    if forgot:
+        lines += ["## Outside the repository", "",
+                  f"Perplexity of {forgot['tokens']:,} tokens of {forgot['source']} ({forgot['files']} files), "
+                  f"code the fine-tune never saw, in windows of {forgot['seq_len']:,} tokens.", ""]  # fmt: skip
+        cells = [f"{forgot[m]['ppl']:.3f}" for m in models]
         if len(models) == 2:
-            b, a = (ev["perplexity"][m][split]["ppl"] for m in models)
-            cells.append(f"{(a / b - 1):+.1%}")
-        rows.append(cells)
-    lines += _table(["split", *models, "tokens"] + (["change"] if len(models) == 2 else []), rows) + [""]
+            cells.append(f"{(forgot['adapted']['ppl'] / forgot['base']['ppl'] - 1):+.1%}")
+        lines += _table([*models] + (["change"] if len(models) == 2 else []), [cells]) + [""]
 
     ctx = ev["context"]
     lines += ["## Context use", "",
@@ -91,9 +166,8 @@ def markdown(report: dict, name: str) -> str:
         for r in ev["streaming"]
     ]  # fmt: skip
     lines += _table(["model", "window", "tokens", "NLL", "ppl", "tokens/s", "peak memory"], rows)
-    lines += ["", "![memory](plots/memory.png)", "", "## Training", "", "![training](plots/training.png)", ""]
-    lines += [f"Evaluation took {ev['wall_s'] / 60:.1f} min."]
-    return "\n".join(lines) + "\n"
+    lines += ["", "![memory](plots/memory.png)", "", f"Evaluation took {ev['wall_s'] / 60:.1f} min.", ""]
+    return lines
 
 
 def plots(run_dir: Path, report: dict) -> None:
@@ -121,6 +195,10 @@ def plots(run_dir: Path, report: dict) -> None:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
 
+    if "completion" in ev:
+        save(completion_figure(plt, ev), "completion")
+    if "context" not in ev:
+        return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for m in ev["models"]:
         c = ev["context"][m]
@@ -170,6 +248,42 @@ def plots(run_dir: Path, report: dict) -> None:
     save(fig, "memory")
 
 
+def completion_figure(plt, ev: dict):
+    """EM and ES against the prompt budget, one panel per kind of line: base and adapted, in-file and
+    cross-file (and FIM), with 95% CIs."""
+    rows, info = ev["completion"], ev["completion_info"]
+    titles = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, squeeze=False)
+    colours = {"base": "tab:gray", "adapted": "tab:blue"}
+    styles = {"in_file": "-", "cross_file": "--", "fim": ":"}
+    for col, kind in enumerate(titles):
+        for row, metric in enumerate(("em", "es")):
+            ax = axes[row][col]
+            for model in info["models"]:
+                for mode in info["modes"]:
+                    pts = sorted((r["budget"], r[metric], r[f"{metric}_ci"]) for r in rows
+                                 if r["kind"] == kind and r["model"] == model and r["mode"] == mode)  # fmt: skip
+                    if not pts:
+                        continue
+                    x = [p[0] for p in pts]
+                    y = [p[1] for p in pts]
+                    err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
+                    ax.errorbar(x, y, yerr=err, color=colours.get(model), ls=styles[mode], marker="o", ms=4,
+                                capsize=3, label=f"{model}, {mode.replace('_', '-')}")  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(info["budgets"], [f"{b:,}" for b in info["budgets"]])
+            ax.set_ylim(0, 1 if metric == "es" else None)
+            n = info["targets"][kind]
+            ax.set(ylabel={"em": "exact match", "es": "edit similarity"}[metric],
+                   title=f"{titles[kind]} ({n})" if row == 0 else None)  # fmt: skip
+            if row == 1:
+                ax.set_xlabel("prompt budget (tokens)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Completion of held-out lines (95% CIs over files)")
+    return fig
+
+
 def _smooth(xs, k: int = 32) -> list:
     import numpy as np
 
@@ -197,9 +311,28 @@ def compare(run_a: Path, run_b: Path) -> tuple:
         if x is not None and y is not None:
             rows.append({"metric": what, "a": x, "b": y, "ratio": y / x if x else math.nan})
 
+    def completion_rows(ev):
+        return {(r["kind"], r["mode"], r["budget"]): r for r in ev.get("completion", []) if r["model"] == "adapted"}
+
+    ra, rb = completion_rows(a), completion_rows(b)
+    for key in sorted(set(ra) & set(rb)):
+        kind, mode, budget = key
+        add(f"completion EM, {kind.replace('_', ' ')}s, {mode}, {budget:,}", ra[key]["em"], rb[key]["em"])
+    if "perplexity" in a and "perplexity" in b:
+        _classic_rows(a, b, add)
+    cells = [[r["metric"], f"{r['a']:.4g}", f"{r['b']:.4g}", f"{r['ratio']:.3f}"] for r in rows]
+    lines = [f"A: {run_a}", f"B: {run_b}", ""] + _table(["metric", "A", "B", "B / A"], cells)
+    return "\n".join(lines) + "\n", rows
+
+
+def _classic_rows(a: dict, b: dict, add) -> None:
     for split in ("val", "test"):
         pa, pb = a["perplexity"]["adapted"].get(split), b["perplexity"]["adapted"].get(split)
         add(f"{split} perplexity", pa and pa["ppl"], pb and pb["ppl"])
+        fa, fb = (p and p.get("by_kind", {}).get("file") for p in (pa, pb))
+        add(f"{split} perplexity, held-out files", fa and fa["ppl"], fb and fb["ppl"])
+    if "forgetting" in a and "forgetting" in b:
+        add("perplexity outside the repo", a["forgetting"]["adapted"]["ppl"], b["forgetting"]["adapted"]["ppl"])
     ca, cb = a["context"]["adapted"], b["context"]["adapted"]
     for n in sorted(set(ca["lengths"]) & set(cb["lengths"])):
         add(f"perplexity at length {n:,}", ca["ppl"][ca["lengths"].index(n)], cb["ppl"][cb["lengths"].index(n)])
@@ -216,6 +349,3 @@ def compare(run_a: Path, run_b: Path) -> tuple:
             add(f"stream NLL, {key[0]:,} tokens, W={key[1]:,}", sa[key]["nll"], r["nll"])
             gb = (sa[key]["peak_bytes"] / 2**30, r["peak_bytes"] / 2**30)
             add(f"stream peak GB, {key[0]:,} tokens, W={key[1]:,}", *gb)
-    cells = [[r["metric"], f"{r['a']:.4g}", f"{r['b']:.4g}", f"{r['ratio']:.3f}"] for r in rows]
-    lines = [f"A: {run_a}", f"B: {run_b}", ""] + _table(["metric", "A", "B", "B / A"], cells)
-    return "\n".join(lines) + "\n", rows

@@ -1,6 +1,8 @@
-"""`mlx-ltc eval RUN_DIR`: perplexity, context use, repo QA and streaming evaluation of a finished
-run's adapted model (and, with `base`, of the model it started from), written into the run directory
-as report.md, report.json["eval"] and plots/*.png."""
+"""`mlx-ltc eval RUN_DIR`: perplexity (by document kind), context use, repo QA, streaming and the
+forgetting check of a finished run's adapted model (and, with `base`, of the model it started from);
+with `--completion`, the repo code-completion benchmark instead. Written into the run directory as
+report.md, report.json["eval"] (each measurement its own entries, kept when another is rerun) and
+plots/*.png."""
 
 import json
 import sys
@@ -11,9 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc import config, data, models
+from mlx_ltc import atomic, config, data, models
 from mlx_ltc.errors import UserError
-from mlx_ltc.eval import context, perplexity, qa, report, stream
+from mlx_ltc.eval import completion, context, forgetting, perplexity, qa, report, stream
+from mlx_ltc.eval.completion import CompletionOptions
 
 
 @dataclass
@@ -27,6 +30,8 @@ class EvalOptions:
     chunk: int = 512  # streaming prefill chunk
     qa_split: str = "test"
     splits: tuple = ("val", "test")  # perplexity on these
+    forgetting_tokens: int = 16_384  # standard-library tokens for the forgetting check (0: none)
+    completion: CompletionOptions | None = None  # set: the completion benchmark instead
     progress: bool = True
 
 
@@ -82,14 +87,19 @@ def _bar(total, desc, unit, progress):
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None if progress else True, leave=False)
 
 
-def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, qa_set) -> dict:
+def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, qa_set, sample) -> dict:
     """Every measurement for one model (the base or the adapted one)."""
     out = {"perplexity": {}}
     for split_name in opts.splits:
         split = splits[split_name]
         p = perplexity(model, split, 4, desc=f"{name}: {split_name} perplexity", progress=opts.progress)
         out["perplexity"][split_name] = asdict(p)
-        _log(f"eval {name}: {split_name} ppl {p.ppl:.3f} over {p.tokens:,} tokens")
+        kinds = ", ".join(f"{k} {v['ppl']:.3f} ({v['tokens']:,})" for k, v in p.by_kind.items())
+        _log(f"eval {name}: {split_name} ppl {p.ppl:.3f} over {p.tokens:,} tokens; by kind (tokens): {kinds}")
+    if sample is not None:
+        p = perplexity(model, sample[0], 4, desc=f"{name}: forgetting", progress=opts.progress)
+        out["forgetting"] = asdict(p)
+        _log(f"eval {name}: {sample[1]['source']}: ppl {p.ppl:.3f} over {p.tokens:,} tokens")
 
     ctx_tokens = min(opts.context_tokens, len(stream_tokens)) // max(lengths) * max(lengths)
     with _bar(ctx_tokens * len(lengths), f"{name}: context", "tok", opts.progress) as bar:
@@ -120,25 +130,73 @@ def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, q
 
 
 def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
-    from mlx_lm.tuner.utils import load_adapters
-
     started = time.perf_counter()
     run_dir = Path(run_dir)
     info = check_run(run_dir)
     cfg = config.build(None, info["config"])
     meta = data.load_metadata(run_dir / "data")
-    seq_len = meta["seq_len"]
     if opts.stream_corpus is not None and not Path(opts.stream_corpus).is_dir():
         raise UserError(f"--stream-corpus {opts.stream_corpus}: not a directory")
+    cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
     model_dir = Path(info["model_dir"])
     if not model_dir.is_dir():
-        cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
         model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    if opts.completion is not None:
+        bench = _benchmark(info, cfg, meta, opts.completion, cache_dir, model_dir)
     _log(f"model: loading {cfg.model.name}")
     loaded = models.load(model_dir, cfg.model.dequantize)
     if meta["tokenizer_hash"] != data.tokenizer_hash(loaded.tokenizer):
         raise UserError(f"{run_dir / 'data'} was built with another tokenizer than {cfg.model.name}'s")
+    if opts.completion is not None:
+        results = _complete(loaded, run_dir, bench, opts)
+    else:
+        results = _measure(loaded, run_dir, cfg, meta, opts)
+        results["wall_s"] = time.perf_counter() - started
+    report.write(run_dir, results)
+    return results
 
+
+def _adapt(loaded, run_dir: Path) -> None:
+    from mlx_lm.tuner.utils import load_adapters
+
+    try:
+        load_adapters(loaded.model, str(run_dir / "adapters"))
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot load {run_dir / 'adapters'}: {str(e).splitlines()[0]}") from None
+    loaded.model.freeze()
+
+
+def _benchmark(info, cfg, meta, opts, cache_dir, model_dir):
+    """The completion benchmark's targets and prompts, from the run's repository as it is now."""
+    repo = Path(info["repo"])
+    if not repo.is_dir():
+        raise UserError(f"the completion benchmark reads the run's repository, and {repo} is gone")
+    tokenizer = models.load_tokenizer(model_dir)
+    corpus = data.Corpus.cached(data.scan(repo, cfg.data.max_file_bytes), tokenizer, cfg.data, cache_dir,
+                                log=_log, progress=False)  # fmt: skip
+    return completion.Benchmark.build(corpus, meta, opts)
+
+
+def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> dict:
+    c = opts.completion
+    started = time.perf_counter()
+    t = bench.targets
+    _log(f"completion: {len(t.targets)} targets from {len({x.path for x in t.targets})} files of the "
+         f"{' and '.join(t.splits)} split(s); modes {', '.join(bench.modes)}; budgets "
+         f"{', '.join(f'{b:,}' for b in bench.budgets)}")  # fmt: skip
+    results = {}
+    if opts.base:
+        results["base"] = completion.measure(loaded.model, loaded.tokenizer, bench, "base", c.max_tokens,
+                                             progress=opts.progress)  # fmt: skip
+    _adapt(loaded, run_dir)
+    results["adapted"] = completion.measure(loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens,
+                                            progress=opts.progress)  # fmt: skip
+    atomic.write_jsonl(run_dir / "completion.jsonl", completion.records(bench, results))
+    return completion.section(bench, results, c, time.perf_counter() - started)
+
+
+def _measure(loaded, run_dir: Path, cfg, meta: dict, opts: EvalOptions) -> dict:
+    seq_len = meta["seq_len"]
     splits = {name: data.load_split(run_dir / "data", name) for name in ("val", "test")}
     for name, split in splits.items():
         if len(split) == 0 or split.predicted_tokens == 0:
@@ -163,20 +221,17 @@ def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
         lengths = kept
     windows = _windows(opts.windows or [seq_len // 2, seq_len, 2 * seq_len], stream.model_window(loaded.model))
     qa_set = qa.load_probes(run_dir / "data", opts.qa_split)
+    sample = forgetting.sample(loaded.tokenizer, opts.forgetting_tokens, seq_len) if opts.forgetting_tokens else None
 
     results = {}
     measure = lambda name: evaluate_model(  # noqa: E731
-        loaded.model, name, splits, tokens, windows, lengths, opts, qa_set
+        loaded.model, name, splits, tokens, windows, lengths, opts, qa_set, sample
     )
     if opts.base:
         results["base"] = measure("base")
-    try:
-        load_adapters(loaded.model, str(run_dir / "adapters"))
-    except (ValueError, OSError, RuntimeError) as e:
-        raise UserError(f"cannot load {run_dir / 'adapters'}: {str(e).splitlines()[0]}") from None
-    loaded.model.freeze()
+    _adapt(loaded, run_dir)
     results["adapted"] = measure("adapted")
-    results_out = {
+    out = {
         "models": list(results),
         "seq_len": seq_len,
         "stream_source": source,
@@ -187,10 +242,11 @@ def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
         "context": {name: r["context"] for name, r in results.items()},
         "qa": {name: r["qa"] for name, r in results.items()},
         "streaming": [row for r in results.values() for row in r["streaming"]],
-        "wall_s": time.perf_counter() - started,
     }
-    report.write(run_dir, results_out)
-    return results_out
+    if sample is not None:
+        info = {**sample[1], "files": len(sample[1]["files"])}
+        out["forgetting"] = {**info, **{name: r["forgetting"] for name, r in results.items()}}
+    return out
 
 
 def _windows(windows: list, limit: int | None) -> list:

@@ -11,7 +11,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mlx_ltc import atomic
@@ -40,24 +39,23 @@ class TorchBackend:
         )
 
     def perplexity(self, model, split, batch_size, desc, progress):
+        import torch.nn.functional as F
         from tqdm import tqdm
 
-        from mlx_ltc.eval import Perplexity
+        from mlx_ltc.eval import Tally
 
         if len(split) == 0:
             raise UserError(f"{desc}: the split is empty")
         model.eval()
-        total, count = 0.0, 0.0
+        tally, kinds = Tally(), split.kinds()
         starts = range(0, len(split), batch_size)
         with torch.no_grad():
             for s in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
                 tokens = torch.from_numpy(split.tokens[s : s + batch_size]).long()
-                real = torch.from_numpy(split.real[s : s + batch_size].astype(np.float32))
-                nll, n = ops.next_token_nll(model, tokens, real)
-                total += nll.item()
-                count += n.item()
-        loss = total / count
-        return Perplexity(loss=loss, ppl=math.exp(loss), tokens=int(count))
+                logits = model(input_ids=tokens[:, :-1]).logits
+                nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+                tally.add(nll.double().numpy(), kinds[s : s + batch_size])
+        return tally.result()
 
     def apply_lora(self, model, cfg):
         c = cfg.lora

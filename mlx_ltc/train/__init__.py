@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import engine
 
-__all__ = ["TrainResult", "Updater", "accumulate_gradients", "apply_lora", "batches", "save_adapters"]
+__all__ = ["TrainResult", "Updater", "accumulate_gradients", "adapters_off", "apply_lora", "batches", "save_adapters"]
 
 
 @dataclass
@@ -77,6 +78,21 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> dict:
     ]
     model.update(tree_unflatten(fresh))
     return {"fine_tune_type": "lora", "num_layers": n_layers, "lora_parameters": params}
+
+
+@contextmanager
+def adapters_off(model):
+    """The base model's numbers from a model with LoRA layers: mlx-lm's LoRA adds scale * (x A) B to the
+    frozen layer's output, so with every scale 0 inside this block that term adds exactly zero."""
+    layers = [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, scale in zip(layers, scales):
+            m.scale = scale
 
 
 def save_adapters(model, adapter_dir: Path, adapter_config: dict) -> None:

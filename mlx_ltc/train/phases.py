@@ -73,7 +73,7 @@ def view(split: Split, seq_len: int, band: float = 1.0) -> Split:
     A piece's targets are the ones inside it: the target that crossed a cut is dropped."""
     if band < 1 and split.difficulty is not None and len(split):
         keep = split.difficulty <= np.quantile(split.difficulty, band)
-        split = Split(split.tokens[keep], split.weights[keep], split.real[keep], split.difficulty[keep])
+        split = split.rows(keep)
     n, full = split.tokens.shape
     pieces = full // seq_len
     if pieces <= 1:
@@ -86,7 +86,8 @@ def view(split: Split, seq_len: int, band: float = 1.0) -> Split:
 
     difficulty = None if split.difficulty is None else np.repeat(split.difficulty, pieces)
     tokens = split.tokens[:, :used].reshape(n * pieces, seq_len)
-    return Split(tokens, cut(split.weights), cut(split.real), difficulty)
+    kind = None if split.kind is None else cut(split.kind)
+    return Split(tokens, cut(split.weights), cut(split.real), difficulty, kind)
 
 
 def lr_at(t: TrainConfig, phase: Phase, phase_step: int, factor: float = 1.0) -> float:

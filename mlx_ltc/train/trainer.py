@@ -58,8 +58,7 @@ class Trainer:
             raise UserError("the training split is empty")
         self.model, self.train_split, self.cfg, self.log, self.progress = model, train_split, cfg, log, progress
         self.run_dir = Path(run_dir)
-        self.val = Split(*(a[: cfg.orchestrator.eval_sequences] for a in (val_split.tokens, val_split.weights,
-                                                                         val_split.real)))  # fmt: skip
+        self.val = val_split.rows(slice(0, cfg.orchestrator.eval_sequences))
         if cfg.train.grad_checkpoint and not cfg.memory.staged:
             enable_grad_checkpoint(model)
         self.updater = Updater(model, cfg.train, cfg.memory)
@@ -305,11 +304,13 @@ class Trainer:
 
         started = time.perf_counter()
         split = phases.view(self.val, self.phase.seq_len)
-        loss, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size)
+        measured, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size)
+        loss = measured.loss
         self.model.train()
         gain = context_gain(total / count.clip(min=1))
         self.state.train_s += time.perf_counter() - started
         row.update({"val_loss": loss, "val_ppl": math.exp(loss), "context_gain": gain})
+        row.update({f"val_{kind}_loss": k["loss"] for kind, k in measured.by_kind.items()})
         before = self.orchestrator.state.best_step
         spent = self.state.phase_step / self.phase.steps
         decisions = self.orchestrator.on_eval(self.state.step, loss, self.state.train_ema, gain, last, spent)

@@ -1,0 +1,52 @@
+"""What the fine-tune costs outside the repository: perplexity of a fixed sample of code the user did
+not write, before and after. The sample is this interpreter's standard library (read locally: nothing
+is downloaded), files in the order of a hash of their path, each under its file header as training
+writes files, cut into windows of the trained length."""
+
+import hashlib
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from mlx_ltc.data import Split, formats, markers
+from mlx_ltc.data.sources import decode
+from mlx_ltc.errors import UserError
+
+LEFT_OUT = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages",
+            "__pycache__"}  # fmt: skip
+
+
+def stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def sample(tokenizer, tokens: int, seq_len: int, root: Path | None = None) -> tuple:
+    """(Split of windows of `seq_len` tokens, info): the first `tokens` tokens of the sample."""
+    root = Path(root or stdlib())
+    if not root.is_dir():
+        raise UserError(f"forgetting check: no standard library at {root}")
+    paths = [p.relative_to(root).as_posix() for p in root.rglob("*.py")]
+    paths = sorted((p for p in paths if not LEFT_OUT & set(p.split("/")[:-1])),
+                   key=lambda p: hashlib.sha256(p.encode()).hexdigest())  # fmt: skip
+    encode, mark = formats.Encoder(tokenizer), markers(tokenizer)
+    stream, used = [], []
+    for path in paths:
+        if sum(map(len, stream)) >= tokens:
+            break
+        text, problem = decode((root / path).read_bytes())
+        if problem or not text.strip():
+            continue
+        header = encode.markup([mark.file_header(path)])[0]
+        stream.append(np.asarray(header + encode([text])[0], dtype=np.int32))
+        used.append(path)
+    flat = np.concatenate(stream)[:tokens] if stream else np.zeros(0, dtype=np.int32)
+    if len(flat) < 2:
+        raise UserError(f"forgetting check: no Python files under {root}")
+    rows = [flat[s : s + seq_len] for s in range(0, len(flat), seq_len)]
+    rows = [r for r in rows if len(r) > 1]
+    version = f"Python {sys.version_info.major}.{sys.version_info.minor}"
+    info = {"source": f"the {version} standard library", "root": str(root), "files": used, "tokens": len(flat),
+            "seq_len": seq_len}  # fmt: skip
+    return Split.from_rows(rows), info
