@@ -78,16 +78,21 @@ def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", pro
     return tally.result()
 
 
-def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128):
-    """(perplexity, NLL summed per position (L-1,), real targets per position (L-1,)) over the split's
-    real targets; position i predicts token i+1. Never holds more than `chunk` positions of logits."""
+def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128, only: str | None = None):
+    """(perplexity by kind, NLL summed per position (L-1,), targets per position (L-1,)) over the split's
+    real targets, those of documents of kind `only` in the position sums when the split has any;
+    position i predicts token i+1. Never holds more than `chunk` positions of logits."""
     model.eval()
     width = split.tokens.shape[1] - 1
     total, count = np.zeros(width), np.zeros(width)
     tally, kinds = Tally(), split.kinds()
+    code = KINDS.index(only) + 1 if only else None
+    if code is not None and not (kinds == code).any():
+        code = None
     for s in range(0, len(split), batch_size):
         nll, kind = target_nll(model, mx.array(split.tokens[s : s + batch_size]), chunk), kinds[s : s + batch_size]
         tally.add(nll, kind)
-        total += (nll * (kind > 0)).sum(axis=0)
-        count += (kind > 0).sum(axis=0)
+        counted = kind == code if code is not None else kind > 0
+        total += (nll * counted).sum(axis=0)
+        count += counted.sum(axis=0)
     return tally.result(), total, count

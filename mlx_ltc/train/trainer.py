@@ -304,12 +304,13 @@ class Trainer:
 
         started = time.perf_counter()
         split = phases.view(self.val, self.phase.seq_len)
-        measured, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size)
-        loss = measured.loss
+        # Decisions follow the held-out files' loss (the headline), commit chains are logged beside it.
+        measured, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size, only="file")
+        loss = measured.by_kind["file"]["loss"] if "file" in measured.by_kind else measured.loss
         self.model.train()
         gain = context_gain(total / count.clip(min=1))
         self.state.train_s += time.perf_counter() - started
-        row.update({"val_loss": loss, "val_ppl": math.exp(loss), "context_gain": gain})
+        row.update({"val_loss": loss, "val_ppl": math.exp(loss), "context_gain": gain, "val_all_loss": measured.loss})
         row.update({f"val_{kind}_loss": k["loss"] for kind, k in measured.by_kind.items()})
         before = self.orchestrator.state.best_step
         spent = self.state.phase_step / self.phase.steps
