@@ -178,11 +178,11 @@ def test_first_line_and_scores():
 
 def test_bootstrap_intervals_resample_files():
     rng = np.random.default_rng(0)
-    mean, ci = completion._bootstrap(np.ones(10), np.array(["a"] * 5 + ["b"] * 5), 200, rng)
+    mean, ci = completion.bootstrap(np.ones(10), np.array(["a"] * 5 + ["b"] * 5), 200, rng)
     assert mean == 1.0 and ci == [1.0, 1.0]
     values = np.array([1.0] * 5 + [0.0] * 5)
-    _, by_file = completion._bootstrap(values, np.array(["a"] * 5 + ["b"] * 5), 2000, rng)
-    _, by_target = completion._bootstrap(values, np.arange(10).astype(str), 2000, rng)
+    _, by_file = completion.bootstrap(values, np.array(["a"] * 5 + ["b"] * 5), 2000, rng)
+    _, by_target = completion.bootstrap(values, np.arange(10).astype(str), 2000, rng)
     assert by_file == [0.0, 1.0]  # two files: each resample is all of one, all of the other, or both
     assert by_file[1] - by_file[0] > by_target[1] - by_target[0] > 0
 
@@ -250,7 +250,10 @@ def test_train_reports_files_chains_forgetting_and_completion(trained):
         assert r["chain_ppl"] is None and r["chain_tokens"] == 0
     assert report["forgetting"]["tokens"] == 1024 and report["forgetting"]["base"]["ppl"] > 1
     rows = report["completion"]
-    assert {(r["model"], r["mode"], r["budget"]) for r in rows} >= {("base", "in_file", 128), ("adapted", "in_file", 128)}
+    assert {(r["model"], r["mode"], r["budget"]) for r in rows} >= {
+        ("base", "in_file", 128),
+        ("adapted", "in_file", 128),
+    }
     assert sum(report["completion_info"]["targets"].values()) == 8
     first = proc.stdout.splitlines()[0]
     assert first.startswith("fine-tuned tiny-starcoder2 on repo: held-out files' perplexity base ")
@@ -276,6 +279,12 @@ def test_eval_completion_writes_rows_records_table_and_plot(trained):
     assert "## Completion of held-out code" in (run / "report.md").read_text()
     assert (run / "plots" / "completion.png").stat().st_size > 10_000
     assert len((run / "completion.jsonl").read_text().splitlines()) == 6
+
+    proc = run_cli("eval", "--compare", run, run, "--json", root / "cmp.json")
+    assert proc.returncode == 0, proc.stderr
+    same = [r for r in json.loads((root / "cmp.json").read_text())["rows"] if r["metric"] == "completion B - A"]
+    assert same and all(r["em"] == 0 and r["em_ci"] == [0, 0] for r in same)
+    assert "B - A on the same lines" in proc.stdout
 
     def fails(*args, message):
         proc = run_cli("eval", run, "--completion", *args)

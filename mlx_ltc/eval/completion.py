@@ -210,7 +210,7 @@ def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=
     return results
 
 
-def _bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tuple:
+def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tuple:
     """(mean, [low, high]): the 95% interval of the mean over targets, resampling whole files."""
     ids, inverse = np.unique(files, return_inverse=True)
     sums = np.bincount(inverse, weights=values, minlength=len(ids))
@@ -239,7 +239,7 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
         out = {}
         for m in METRICS:
             values = np.array([scores[k][m] - (minus[i][m] if minus else 0.0) for i, k in enumerate(chosen)])
-            out[m], out[f"{m}_ci"] = _bootstrap(values, files, resamples, rng)
+            out[m], out[f"{m}_ci"] = bootstrap(values, files, resamples, rng)
         return out
 
     rows = []

@@ -322,7 +322,49 @@ def compare(run_a: Path, run_b: Path) -> tuple:
         _classic_rows(a, b, add)
     cells = [[r["metric"], f"{r['a']:.4g}", f"{r['b']:.4g}", f"{r['ratio']:.3f}"] for r in rows]
     lines = [f"A: {run_a}", f"B: {run_b}", ""] + _table(["metric", "A", "B", "B / A"], cells)
-    return "\n".join(lines) + "\n", rows
+    paired = paired_completion(run_a, run_b)
+    if paired:
+        lines += ["", "Completion, B - A on the same lines (adapted models; percentage points, [95% CI] over files):",
+                  ""]  # fmt: skip
+        lines += _table(["lines", "mode", "budget", "n", "EM", "ES", "id F1"],
+                        [[p["kind"].replace("_", " ") + "s", p["mode"], f"{p['budget']:,}", p["targets"],
+                          _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]),
+                          _signed(p["id_f1"], p["id_f1_ci"])] for p in paired])  # fmt: skip
+    return "\n".join(lines) + "\n", rows + [{"metric": "completion B - A", **p} for p in paired]
+
+
+def paired_completion(run_a: Path, run_b: Path) -> list:
+    """B - A per (kind, mode, budget) over the lines both runs' adapted models completed (their
+    completion.jsonl), with CIs from resampling files; [] when they share none."""
+    import numpy as np
+
+    from mlx_ltc.eval import completion
+
+    def load(run):
+        path = Path(run) / "completion.jsonl"
+        if not path.is_file():
+            return {}
+        records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+        return {(r["path"], r["line"], r["kind"], r["target"]): r["outputs"] for r in records}
+
+    a, b = load(run_a), load(run_b)
+    groups = {}
+    for key in sorted(set(a) & set(b)):
+        for name in set(a[key]) & set(b[key]):
+            model, mode, budget = name.split("/")
+            if model == "adapted":
+                groups.setdefault((key[2], mode, int(budget)), []).append((key, name))
+    rng = np.random.default_rng(0)
+    out = []
+    for (kind, mode, budget), items in sorted(groups.items()):
+        files = np.array([key[0] for key, _ in items])
+        row = {"kind": kind, "mode": mode, "budget": budget, "targets": len(items)}
+        scores = [(completion.score(key[3], a[key][n]), completion.score(key[3], b[key][n])) for key, n in items]
+        for m in completion.METRICS:
+            diff = np.array([sb[m] - sa[m] for sa, sb in scores])
+            row[m], row[f"{m}_ci"] = completion.bootstrap(diff, files, 1000, rng)
+        out.append(row)
+    return out
 
 
 def _classic_rows(a: dict, b: dict, add) -> None:
