@@ -200,14 +200,36 @@ def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=
     started = time.perf_counter()
     with tqdm(total=len(unique), desc=f"{name}: completion", unit="line", disable=None if progress else True,
               leave=False) as bar:  # fmt: skip
-        done = generate(model, tokenizer, [bench.prompts[k].tokens for k in unique], max_tokens, bar)
+        tally = Counter()
+        done = generate(model, tokenizer, [bench.prompts[k].tokens for k in unique], max_tokens,
+                        _Progress(bar, f"completion {name}", log), tally)  # fmt: skip
     results = {}
     for key in keys:
         line, n = done[slot[bench.prompts[key].tokens.tobytes()]]
         results[key] = {"output": line, "tokens": n, **score(bench.targets.targets[key[0]].text, line)}
     took = time.perf_counter() - started
-    log(f"completion {name}: {len(unique):,} completions ({len(keys):,} prompts) in {took / 60:.1f} min")
+    log(
+        f"completion {name}: {len(unique):,} completions ({len(keys):,} prompts) in {took / 60:.1f} min; "
+        f"{tally['prefilled']:,} prompt tokens computed, {tally['reused']:,} reused from the cache"
+    )
     return results
+
+
+class _Progress:
+    """A tqdm bar, and a log line at every tenth of the work when the bar is not shown (output to a file)."""
+
+    def __init__(self, bar, what: str, log):
+        self.bar, self.what, self.log, self.started, self.shown = bar, what, log, time.perf_counter(), 0
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        tenth = 10 * self.bar.n // max(self.bar.total, 1)
+        if self.bar.disable and tenth > self.shown and self.bar.n < self.bar.total:
+            self.shown = tenth
+            took = time.perf_counter() - self.started
+            left = took * (self.bar.total - self.bar.n) / self.bar.n
+            done = f"{self.bar.n:,}/{self.bar.total:,} lines"
+            self.log(f"{self.what}: {done}, {took / 60:.1f} min, ~{left / 60:.0f} min left")
 
 
 def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tuple:
