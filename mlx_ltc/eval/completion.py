@@ -6,7 +6,10 @@ Each target line (eval/targets.py) is completed greedily to the end of its line 
 cross-file context too; FIM with the suffix when the tokenizer has FIM tokens) and token budget.
 Targets are run file by file in line order, so a prompt that extends the previous one reuses its
 cache (trimmed back to their common prefix), and a prompt met twice (a cross-file prompt with no room
-left for other files is the in-file one) is completed once.
+left for other files is the in-file one) is completed once. The cross-file part is filled up to the
+budget beside the longest in-file part among a file's targets whose in-file parts are in the same
+quarter of the budget: one prefill serves them all, and no target loses more than a quarter of the
+budget of cross-file context to its neighbours.
 
 Metrics per (model, mode, budget, kind), each target scored against its line with whitespace
 normalised: exact match (EM), edit similarity (ES, 1 - normalised Levenshtein distance, rapidfuzz),
@@ -80,12 +83,16 @@ class Benchmark:
         prompter = tg.Prompter(corpus)
         prompts, skipped = {}, Counter()
         for budget in budgets:
-            longest = {}  # path -> the longest in-file part among its targets
-            for t in target_set.targets:
-                part = prompter.in_file(t, budget)
-                longest[t.path] = max(longest.get(t.path, 0), len(part) if part is not None else budget)
+            # Targets of a file whose in-file parts fall in the same quarter of the budget share one
+            # cross-file part (what fits beside the longest of them): their prompts extend one another.
+            group, longest = {}, {}
             for i, t in enumerate(target_set.targets):
-                others = budget - len(prompter.repo) - longest[t.path]
+                part = prompter.in_file(t, budget)
+                size = len(part) if part is not None else budget
+                group[i] = (t.path, min(3, 4 * size // budget))
+                longest[group[i]] = max(longest.get(group[i], 0), size)
+            for i, t in enumerate(target_set.targets):
+                others = budget - len(prompter.repo) - longest[group[i]]
                 for mode in modes:
                     p = prompter.build(t, mode, budget, others)
                     if p is None:
@@ -244,7 +251,8 @@ def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tup
 
 def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int = 0) -> tuple:
     """(rows, paired): one row per (model, mode, budget, kind) with each metric and its CI, and the paired
-    differences adapted - base and MODE - in_file with theirs."""
+    differences adapted - base and MODE - in_file with theirs (cross_file - in_file over the targets whose
+    cross-file prompt had other files in it)."""
     rng = np.random.default_rng(seed)
     targets = bench.targets.targets
     cells = [(mode, budget, kind) for mode in bench.modes for budget in bench.budgets for kind in tg.KINDS]
@@ -272,6 +280,7 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
                 prompts = [bench.prompts[k] for k in chosen]
                 rows.append({"model": model, "mode": mode, "budget": budget, "kind": kind, "targets": len(chosen),
                              **stats(results[model], chosen),
+                             "with_context": sum(p.cross_file > 0 for p in prompts),
                              "in_file_tokens": float(np.mean([p.in_file for p in prompts])),
                              "cross_file_tokens": float(np.mean([p.cross_file for p in prompts]))})  # fmt: skip
     paired = []
@@ -288,6 +297,8 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
             if mode == "in_file" or "in_file" not in bench.modes:
                 continue
             chosen = keys(model, mode, budget, kind, also=(model, "in_file"))
+            if mode == "cross_file":  # where the prompt had other files in it: elsewhere it is the in-file one
+                chosen = [k for k in chosen if bench.prompts[k].cross_file]
             if chosen:
                 alone = [r[(i, "in_file", budget)] for i, _, _ in chosen]
                 paired.append({"compare": f"{mode} - in_file", "model": model, "budget": budget, "kind": kind,

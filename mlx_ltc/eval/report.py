@@ -82,12 +82,15 @@ def _completion_md(ev: dict) -> list:
     order = sorted(rows, key=lambda r: (r["kind"], r["mode"], r["budget"], r["model"] != "base"))
     table = [[kinds[r["kind"]], r["mode"], f"{r['budget']:,}", r["model"], r["targets"],
               _fraction(r["em"], r["em_ci"]), f"{r['es']:.3f}", f"{r['id_f1']:.3f}",
-              f"{r['in_file_tokens']:,.0f} / {r['cross_file_tokens']:,.0f}"] for r in order]  # fmt: skip
-    header = ["lines", "mode", "budget", "model", "n", "EM [95% CI]", "ES", "id F1", "in-file / cross-file tokens"]
+              f"{r['in_file_tokens']:,.0f} / {r['cross_file_tokens']:,.0f}", r.get("with_context", "")]
+             for r in order]  # fmt: skip
+    header = ["lines", "mode", "budget", "model", "n", "EM [95% CI]", "ES", "id F1", "in-file / cross-file tokens",
+              "with other files"]  # fmt: skip
     lines += _table(header, table) + [""]
     paired = ev.get("completion_paired", [])
     if paired:
-        lines += ["Paired differences (percentage points; the same lines on both sides):", ""]
+        lines += ["Paired differences (percentage points; the same lines on both sides; `cross_file - in_file` "
+                  "over the lines whose cross-file prompt had other files in it):", ""]  # fmt: skip
         table = [[p["compare"], kinds[p["kind"]], p.get("mode") or p.get("model"), f"{p['budget']:,}", p["targets"],
                   _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]), _signed(p["id_f1"], p["id_f1_ci"])]
                  for p in paired]  # fmt: skip

@@ -184,10 +184,9 @@ class Prompter:
     """Prompts in the training format: the repo header, then (cross-file mode) the target file's
     dependencies in dependency order, each under its file header, then the target file's header and
     its text before the target. Within a budget the in-file prefix is kept whole when it fits (else
-    its most recent lines); the cross-file part gets what is left beside the longest in-file part
-    among the file's targets (the same for all of them, so their prompts extend one another and share
-    a KV cache), nearest dependencies first, the last one cut to its head at a line boundary. FIM
-    mode: in-file only, the prefix and up to a quarter of the room for the suffix."""
+    its most recent lines); the cross-file part gets `others` tokens (the caller leaves it what the
+    in-file part does not take), nearest dependencies first, the last one cut to its head at a line
+    boundary. FIM mode: in-file only, the prefix and up to a quarter of the room for the suffix."""
 
     def __init__(self, corpus):
         self.corpus = corpus
