@@ -322,11 +322,10 @@ def records(bench: Benchmark, results: dict) -> list:
     return out
 
 
-def headline(rows: list, budget: int | None = None) -> str | None:
+def headline(rows: list) -> str | None:
     """'exact match on held-out cross-file lines: base X% -> adapted Y%' (in-file context, the largest
-    budget at most `budget`), or None without both models."""
-    pick = [r for r in rows if r["kind"] == tg.CROSS and r["mode"] == "in_file"
-            and (budget is None or r["budget"] <= budget)]  # fmt: skip
+    budget) with the edit similarity beside it, or None without both models."""
+    pick = [r for r in rows if r["kind"] == tg.CROSS and r["mode"] == "in_file"]
     if not pick:
         return None
     top = max(r["budget"] for r in pick)
@@ -335,7 +334,8 @@ def headline(rows: list, budget: int | None = None) -> str | None:
         return None
     b, a = by["base"], by["adapted"]
     return (f"exact match on held-out cross-file lines: base {b['em']:.1%} -> adapted {a['em']:.1%} "
-            f"({a['targets']} lines, in-file context, {top:,} tokens)")  # fmt: skip
+            f"(edit similarity {b['es']:.3f} -> {a['es']:.3f}; {a['targets']} lines, in-file context, "
+            f"{top:,} tokens)")  # fmt: skip
 
 
 def section(bench: Benchmark, results: dict, opts: CompletionOptions, wall_s: float) -> dict:
