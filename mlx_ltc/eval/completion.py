@@ -226,17 +226,19 @@ class _Progress:
     """A tqdm bar, and a log line at every tenth of the work when the bar is not shown (output to a file)."""
 
     def __init__(self, bar, what: str, log):
-        self.bar, self.what, self.log, self.started, self.shown = bar, what, log, time.perf_counter(), 0
+        self.bar, self.what, self.log, self.started = bar, what, log, time.perf_counter()
+        self.done = self.shown = 0  # counted here: a disabled tqdm bar counts nothing
 
     def update(self, n: int) -> None:
         self.bar.update(n)
-        tenth = 10 * self.bar.n // max(self.bar.total, 1)
-        if self.bar.disable and tenth > self.shown and self.bar.n < self.bar.total:
+        self.done += n
+        total = self.bar.total
+        tenth = 10 * self.done // max(total, 1)
+        if self.bar.disable and tenth > self.shown and self.done < total:
             self.shown = tenth
             took = time.perf_counter() - self.started
-            left = took * (self.bar.total - self.bar.n) / self.bar.n
-            done = f"{self.bar.n:,}/{self.bar.total:,} lines"
-            self.log(f"{self.what}: {done}, {took / 60:.1f} min, ~{left / 60:.0f} min left")
+            left = took * (total - self.done) / self.done
+            self.log(f"{self.what}: {self.done:,}/{total:,} lines, {took / 60:.1f} min, ~{left / 60:.0f} min left")
 
 
 def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tuple:
