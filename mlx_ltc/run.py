@@ -267,6 +267,7 @@ def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Pa
     adapters switched off) and the adapted one: the forgetting check and the completion benchmark at
     the trained length. A problem with either is a note in the report, never a lost run."""
     from mlx_ltc.eval import completion, forgetting, perplexity
+    from mlx_ltc.eval.report import TRAIN_RECORDS
     from mlx_ltc.train import adapters_off
 
     model, tokenizer, e = loaded.model, loaded.tokenizer, cfg.eval
@@ -295,7 +296,7 @@ def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Pa
                 results = {"base": measure("base")}
             results["adapted"] = measure("adapted")
             found.update(completion.section(bench, results, opts, time.perf_counter() - started))
-            atomic.write_jsonl(out / "completion.jsonl", completion.records(bench, results))
+            atomic.write_jsonl(out / TRAIN_RECORDS, completion.records(bench, results))
     if len(modes) < len(e.completion_modes):
         notes.append("completion mode fim left out: this tokenizer has no FIM tokens")
     for note in notes:

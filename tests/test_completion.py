@@ -295,7 +295,8 @@ def test_eval_completion_writes_rows_records_table_and_plot(trained):
     assert ev["completion"] == rows and ev["completion_paired"]
     assert "## Completion of held-out code" in (run / "report.md").read_text()
     assert (run / "plots" / "completion.png").stat().st_size > 10_000
-    assert len((run / "completion.jsonl").read_text().splitlines()) == 6
+    assert len((run / "eval_completion.jsonl").read_text().splitlines()) == 6
+    assert len((run / "completion.jsonl").read_text().splitlines()) == 8  # train's records stay
 
     proc = run_cli("eval", "--compare", run, run, "--json", root / "cmp.json")
     assert proc.returncode == 0, proc.stderr

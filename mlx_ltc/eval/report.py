@@ -8,6 +8,7 @@ from pathlib import Path
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
 
+TRAIN_RECORDS, EVAL_RECORDS = "completion.jsonl", "eval_completion.jsonl"  # each completed line, both models
 PLOTS = ("training", "loss_vs_position", "ppl_vs_length", "qa_vs_distance", "memory", "completion")
 CLASSIC = ("models", "seq_len", "stream_source", "windows", "lengths", "qa_split", "perplexity", "context", "qa",
            "streaming", "forgetting", "wall_s")  # fmt: skip
@@ -95,7 +96,7 @@ def _completion_md(ev: dict) -> list:
                   _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]), _signed(p["id_f1"], p["id_f1_ci"])]
                  for p in paired]  # fmt: skip
         lines += _table(["difference", "lines", "mode / model", "budget", "n", "EM", "ES", "id F1"], table) + [""]
-    lines += ["Each line with every model's completion: `completion.jsonl`.", "",
+    lines += [f"Each line with every model's completion: `{EVAL_RECORDS}`.", "",
               "![completion](plots/completion.png)", ""]  # fmt: skip
     return lines
 
@@ -337,18 +338,21 @@ def compare(run_a: Path, run_b: Path) -> tuple:
 
 
 def paired_completion(run_a: Path, run_b: Path) -> list:
-    """B - A per (kind, mode, budget) over the lines both runs' adapted models completed (their
-    completion.jsonl), with CIs from resampling files; [] when they share none."""
+    """B - A per (kind, mode, budget) over the lines both runs' adapted models completed (train's
+    completion.jsonl and eval's eval_completion.jsonl), with CIs from resampling files; [] when they share
+    none."""
     import numpy as np
 
     from mlx_ltc.eval import completion
 
     def load(run):
-        path = Path(run) / "completion.jsonl"
-        if not path.is_file():
-            return {}
-        records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
-        return {(r["path"], r["line"], r["kind"], r["target"]): r["outputs"] for r in records}
+        out = {}
+        for name in (TRAIN_RECORDS, EVAL_RECORDS):
+            path = Path(run) / name
+            if path.is_file():
+                for r in (json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x):
+                    out.setdefault((r["path"], r["line"], r["kind"], r["target"]), {}).update(r["outputs"])
+        return out
 
     a, b = load(run_a), load(run_b)
     groups = {}

@@ -191,7 +191,7 @@ def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> dict:
     _adapt(loaded, run_dir)
     results["adapted"] = completion.measure(loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens,
                                             progress=opts.progress)  # fmt: skip
-    atomic.write_jsonl(run_dir / "completion.jsonl", completion.records(bench, results))
+    atomic.write_jsonl(run_dir / report.EVAL_RECORDS, completion.records(bench, results))  # train's stay
     return completion.section(bench, results, c, time.perf_counter() - started)
 
 
