@@ -254,37 +254,43 @@ def plots(run_dir: Path, report: dict) -> None:
 
 def completion_figure(plt, ev: dict):
     """EM and ES against the prompt budget, one panel per kind of line: base and adapted, in-file and
-    cross-file (and FIM), with 95% CIs."""
+    cross-file (and FIM), with 95% CIs. Budgets are evenly spaced categories, and each series is nudged
+    sideways so that intervals at one budget do not hide each other."""
     rows, info = ev["completion"], ev["completion_info"]
     titles = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, squeeze=False)
+    budgets = sorted(info["budgets"])
+    series = [(model, mode) for model in info["models"] for mode in info["modes"]]
+    nudge = {s: 0.3 * (i - (len(series) - 1) / 2) / max(len(series), 1) for i, s in enumerate(series)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
     colours = {"base": "tab:gray", "adapted": "tab:blue"}
-    styles = {"in_file": "-", "cross_file": "--", "fim": ":"}
+    styles = {"in_file": ("-", "o"), "cross_file": ("--", "s"), "fim": (":", "^")}
     for col, kind in enumerate(titles):
         for row, metric in enumerate(("em", "es")):
-            ax = axes[row][col]
-            for model in info["models"]:
-                for mode in info["modes"]:
-                    pts = sorted((r["budget"], r[metric], r[f"{metric}_ci"]) for r in rows
-                                 if r["kind"] == kind and r["model"] == model and r["mode"] == mode)  # fmt: skip
-                    if not pts:
-                        continue
-                    x = [p[0] for p in pts]
-                    y = [p[1] for p in pts]
-                    err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
-                    ax.errorbar(x, y, yerr=err, color=colours.get(model), ls=styles[mode], marker="o", ms=4,
-                                capsize=3, label=f"{model}, {mode.replace('_', '-')}")  # fmt: skip
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(info["budgets"], [f"{b:,}" for b in info["budgets"]])
-            ax.set_ylim(0, 1 if metric == "es" else None)
+            ax, top = axes[row][col], 0.0
+            for model, mode in series:
+                pts = sorted((r["budget"], r[metric], r[f"{metric}_ci"]) for r in rows
+                             if r["kind"] == kind and r["model"] == model and r["mode"] == mode)  # fmt: skip
+                if not pts:
+                    continue
+                x = [budgets.index(p[0]) + nudge[(model, mode)] for p in pts]
+                y = [p[1] for p in pts]
+                err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
+                top = max(top, *(p[2][1] for p in pts))
+                line, marker = styles[mode]
+                ax.errorbar(x, y, yerr=err, color=colours.get(model), ls=line, marker=marker, ms=5, capsize=3,
+                            label=f"{model}, {mode.replace('_', '-')}")  # fmt: skip
+            ax.set_xticks(range(len(budgets)), [f"{b:,}" for b in budgets])
+            ax.set_xlim(-0.5, len(budgets) - 0.5)
+            ax.set_ylim(0, 1 if metric == "es" else min(1.0, max(0.1, 1.15 * top)))
             n = info["targets"][kind]
             ax.set(ylabel={"em": "exact match", "es": "edit similarity"}[metric],
                    title=f"{titles[kind]} ({n})" if row == 0 else None)  # fmt: skip
             if row == 1:
                 ax.set_xlabel("prompt budget (tokens)")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle("Completion of held-out lines (95% CIs over files)")
+    fig.tight_layout()
     return fig
 
 
