@@ -31,7 +31,7 @@ class DataConfig:
     fim_rate: float = 0.5  # share of train documents in fill-in-the-middle form, when the tokenizer has FIM tokens
     chains: bool = True  # commit-evolution chains from git history
     chain_versions: int = 6  # newest versions per chain
-    chain_share: float = 1.0  # most of a split's tokens chains may take (whole chains dropped at random); 1: no cap
+    chain_share: float = 0.25  # most of a split's tokens chains may take (whole chains dropped at random); 1: no cap
     qa: bool = True  # long-context QA probes for val/test
     qa_per_bucket: int = 8  # probes per distance bucket and split
     qa_max_len: int = 0  # longest probe prompt; 0 = seq_len

@@ -432,7 +432,7 @@ def test_commit_chains_follow_their_files_split(tmp_path, tokenizer):
     for k in range(2):
         (repo / "pkg" / "mod_2.py").write_text((repo / "pkg" / "mod_2.py").read_text() + f"\nV{k} = {k}\n")
         git("commit", "-qam", f"add V{k}")
-    _, meta = build_repo(repo, tokenizer, tmp_path / "ds")
+    _, meta = build_repo(repo, tokenizer, tmp_path / "ds", chain_share=1.0)
     assert meta["chains"]["chains"] == 1 and meta["chains"]["versions"] == 3
     docs = [json.loads(line) for line in (tmp_path / "ds" / "documents.jsonl").read_text().splitlines()]
     chain = [d for d in docs if d["kind"] == "chain"]
@@ -452,7 +452,7 @@ def test_chain_share_caps_the_tokens_chains_take_in_every_split(tmp_path, tokeni
         for path in sorted((repo / "pkg").glob("mod_*.py")):
             path.write_text(path.read_text() + f"\nV{k} = {k}\n")
         git("commit", "-qam", f"add V{k}")
-    _, free = build_repo(repo, tokenizer, tmp_path / "free")
+    _, free = build_repo(repo, tokenizer, tmp_path / "free", chain_share=1.0)
     share = lambda kinds: kinds.get("chain", 0) / sum(kinds.values())
     assert share(free["mix"]["train"]) > 0.5 and free["chains"]["dropped_for_share"] == 0
     _, capped = build_repo(repo, tokenizer, tmp_path / "capped", chain_share=0.5)
