@@ -81,20 +81,25 @@ def test_targets_are_code_lines_and_cross_file_ones_use_an_imported_name(corpus)
 
 def test_selection_is_seeded_balanced_and_capped(corpus):
     usable = {"test": ["pkg/draw.py"], "val": ["pkg/shapes.py"]}
-    first = tg.select(corpus, usable, 6, seed=3)
-    assert first.targets == tg.select(corpus, usable, 6, seed=3).targets
+    first = tg.select(corpus, usable, 6, seed=3, min_files=1)
+    assert first.targets == tg.select(corpus, usable, 6, seed=3, min_files=1).targets
     kinds = [t.kind for t in first.targets]
     assert kinds.count(tg.CROSS) == 3 and kinds.count(tg.RANDOM) == 3
     assert len({(t.path, t.line) for t in first.targets}) == 6  # a line is drawn once
     assert first.splits == ["test"] and not first.notes
-    more = tg.select(corpus, usable, 8, seed=3)
+    more = tg.select(corpus, usable, 8, seed=3, min_files=1)
     assert more.splits == ["test", "val"]  # the test split alone holds too few cross-file lines
     assert sum(t.kind == tg.CROSS for t in more.targets) == 3 and more.notes == [
         "3 cross file lines (of 4 asked): the held-out files hold no more"
     ]
     assert {t.path for t in more.targets if t.kind == tg.RANDOM} == {"pkg/draw.py", "pkg/shapes.py"}
-    capped = tg.select(corpus, {"test": ["pkg/draw.py"], "val": []}, 6, seed=3, per_file=2)
+    capped = tg.select(corpus, {"test": ["pkg/draw.py"], "val": []}, 6, seed=3, per_file=2, min_files=1)
     assert [t.kind for t in capped.targets].count(tg.CROSS) == 2 and "of 3 asked" in capped.notes[0]
+    few = tg.select(corpus, usable, 6, seed=3, min_files=2)  # enough lines, too few files: val joins
+    assert few.splits == ["test", "val"] and {t.path for t in few.targets} == {"pkg/draw.py", "pkg/shapes.py"}
+    assert not few.notes
+    rough = tg.select(corpus, usable, 6, seed=3, min_files=3)
+    assert rough.notes == ["targets from 2 files only: intervals from a bootstrap over so few files are rough"]
     with pytest.raises(UserError, match="at least 2"):
         tg.select(corpus, usable, 1)
 

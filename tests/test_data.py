@@ -469,14 +469,14 @@ def test_chain_share_caps_the_tokens_chains_take_in_every_split(tmp_path, tokeni
     assert none["chains"]["chains"] == 0 and "chain" not in none["mix"]["train"]
     # Held-out files are packed, so scored, the same whatever the share: never beside a chain.
     assert any("chain" in free["mix"][s] for s in ("val", "test"))
+    lines = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    free_docs = lines(tmp_path / "free" / "documents.jsonl")
     for s in ("val", "test"):
-        rows = lambda build: [json.loads(line) for line in (tmp_path / build / f"{s}.jsonl").read_text().splitlines()]
-        kinds = lambda row, build_docs: {build_docs[span[2]]["kind"] for span in row["spans"]}
-        free_docs = [json.loads(line) for line in (tmp_path / "free" / "documents.jsonl").read_text().splitlines()]
-        free_rows = rows("free")
-        assert all(len(kinds(row, free_docs)) == 1 for row in free_rows)
-        file_rows = [row["spans"] for row in free_rows if kinds(row, free_docs) == {"file"}]
-        assert file_rows == [row["spans"] for row in rows("none")]
+        held = lines(tmp_path / "free" / f"{s}.jsonl")
+        kinds = [{free_docs[span[2]]["kind"] for span in row["spans"]} for row in held]
+        assert all(len(k) == 1 for k in kinds)
+        free_files = [row["spans"] for row, k in zip(held, kinds) if k == {"file"}]
+        assert free_files == [row["spans"] for row in lines(tmp_path / "none" / f"{s}.jsonl")]
 
 
 def test_augmentation_replaces_train_files_and_still_parses(tmp_path, tokenizer):

@@ -35,6 +35,7 @@ KINDS = (CROSS, RANDOM)
 MODES = ("in_file", "cross_file", "fim")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MIN_CHARS = 6  # non-blank characters of a target line
+MIN_FILES = 8  # files to draw from: intervals from a bootstrap over fewer files are too rough
 MIN_HEAD = 32  # tokens: a dependency that does not fit whole contributes its head only if this much fits
 COMMON_METHODS = frozenset(
     {n for t in (object, dict, list, str, set, bytes, int, float, tuple) for n in dir(t)}
@@ -125,17 +126,20 @@ def candidates(corpus, path: str) -> list:
     return out
 
 
-def select(corpus, usable: dict, n: int, seed: int = 0, per_file: int = 0) -> TargetSet:
+def select(corpus, usable: dict, n: int, seed: int = 0, per_file: int = 0, min_files: int = MIN_FILES) -> TargetSet:
     """About n targets, half cross-file lines and half random lines, from the test split's files, and
-    the val split's too when the test split holds too few of either kind."""
+    the val split's too when the test split holds too few of either kind, or fewer than `min_files`
+    files to draw from (a small repository's 5% test split can be two or three files)."""
     if n < 2:
         raise UserError(f"completion targets must be at least 2 (one of each kind), got {n}")
     want = {CROSS: n // 2, RANDOM: n - n // 2}
     per_split = {name: {p: candidates(corpus, p) for p in usable[name]} for name in ("test", "val")}
     counts = lambda files: {CROSS: sum(bool(c[2]) for cs in files.values() for c in cs),  # noqa: E731
                             RANDOM: sum(len(cs) for cs in files.values())}  # fmt: skip
+    drawable = lambda files: sum(bool(cs) for cs in files.values())  # noqa: E731
     splits, files = ["test"], dict(per_split["test"])
-    if any(counts(files)[k] < want[k] for k in KINDS) and per_split["val"]:
+    short = any(counts(files)[k] < want[k] for k in KINDS) or drawable(files) < min_files
+    if short and per_split["val"]:
         splits.append("val")
         files.update(per_split["val"])
     found = counts(files)
@@ -150,6 +154,9 @@ def select(corpus, usable: dict, n: int, seed: int = 0, per_file: int = 0) -> Ta
         for path, c in taken:
             chosen[(path, c[0])] = Target(path, c[0], kind, c[1], c[2], c[3], c[4])
     notes = []
+    sources = len({t.path for t in chosen.values()})
+    if sources < min_files:
+        notes.append(f"targets from {sources} files only: intervals from a bootstrap over so few files are rough")
     got = {k: sum(t.kind == k for t in chosen.values()) for k in KINDS}
     for k in KINDS:
         if got[k] < want[k]:
