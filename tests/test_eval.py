@@ -201,7 +201,7 @@ def test_eval_writes_report_json_and_plots(trained_run):
     classic = [r for r in rows if r["metric"] != "completion B - A"]
     assert classic and all(r["ratio"] == pytest.approx(1.0) for r in classic)
     same = [r for r in rows if r["metric"] == "completion B - A"]  # train's report completed lines too
-    assert all(r["em"] == 0 and r["es"] == 0 for r in same)
+    assert same and all(r["em"] == 0 and r["es"] == 0 for r in same)
     assert "test perplexity" in proc.stdout
 
 
