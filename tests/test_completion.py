@@ -1,7 +1,6 @@
 """The repo code-completion benchmark: which lines are targets, the prompts they get, generation with a
 reused KV cache, the metrics and their intervals; then `mlx-ltc eval --completion` end to end."""
 
-import io
 import json
 
 import numpy as np
@@ -180,22 +179,6 @@ def test_first_line_and_scores():
     assert s["em"] == 0.0 and 0.5 < s["es"] < 1 and s["id_em"] == 0.0
     assert s["id_f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # precision 1/1, recall 1/2; `return` is a keyword
     assert completion.score("x = 1", "")["id_f1"] == 0.0 and completion.score("{}", "")["id_f1"] == 1.0
-
-
-def test_progress_logs_each_tenth_when_the_bar_is_hidden():
-    from tqdm import tqdm
-
-    lines = []
-    with tqdm(total=20, disable=True) as bar:
-        progress = completion._Progress(bar, "completion base", lines.append)
-        for _ in range(20):
-            progress.update(1)
-    assert len(lines) == 9 and lines[0].startswith("completion base: 2/20 lines, ")
-    assert lines[-1].startswith("completion base: 18/20 lines, ") and lines[-1].endswith("min left")
-    with tqdm(total=20, disable=False, file=io.StringIO()) as bar:
-        progress = completion._Progress(bar, "completion base", lines.append)
-        progress.update(20)
-    assert len(lines) == 9  # a visible bar is the progress
 
 
 def test_bootstrap_intervals_resample_files():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_ltc import models, train
+from mlx_ltc import models, progress, train
 from mlx_ltc.config import Config, LoraConfig, TrainConfig
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
@@ -29,11 +29,11 @@ def random_windows(n, length, seed=0, short_last=None):
     return Split.from_rows(rows)
 
 
-def run_training(model, split, run_dir, val=None, n_phases=1, **train_kw):
+def run_training(model, split, run_dir, val=None, n_phases=1, progress=False, **train_kw):
     """The product's loop on a bare split: no early stop, evals on `val` (default: the split)."""
     cfg = Config(train=TrainConfig(**train_kw))
     cfg.data.seq_len, cfg.curriculum.phases, cfg.orchestrator.converge_tol = split.tokens.shape[1], n_phases, 0.0
-    trainer = Trainer(model, split, val or split, cfg, run_dir, log=lambda msg: None, progress=False)
+    trainer = Trainer(model, split, val or split, cfg, run_dir, log=lambda msg: None, progress=progress)
     trainer.start(phases.total_steps(cfg, len(split)))
     return trainer.run()
 
@@ -152,6 +152,16 @@ def test_training_lowers_loss_and_logs_every_step(tiny_dir, tmp_path):
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"} <= r.keys() for r in rows)
     assert result.steps == 30 and result.tokens == 30 * 128
     assert after < 0.8 * before
+
+
+def test_training_progress_reaches_a_log_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Output to a file, not a terminal: the log still shows the step, the phase and the loss."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    loaded = fresh_tiny(tiny_dir, rank=8)
+    run_training(loaded.model, random_windows(2, 65), tmp_path, max_steps=4, batch_size=2, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
+    assert all(any(f"| {k}/4 [" in line for line in lines) for k in range(1, 5)), lines  # every step, not just the end
+    assert "phase=1" in lines[-1] and "loss=" in lines[-1], lines
 
 
 def test_adapters_load_in_mlx_lm_and_reproduce_our_outputs(tiny_dir, tmp_path):

@@ -85,7 +85,7 @@ def _stream_source(run_dir: Path, state: dict, stream_tokens: int, corpus: Path 
 
 def evaluate_run(run_dir: Path, stream_tokens: int, corpus: Path | None = None, chunk: int = 4096,
                  seq_len: int | None = None, progress: bool = True, log=print, cache_dir=None) -> dict:  # fmt: skip
-    from tqdm import tqdm
+    from mlx_ltc import progress as progress_bars
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -97,8 +97,8 @@ def evaluate_run(run_dir: Path, stream_tokens: int, corpus: Path | None = None, 
     source["tokens"] = len(tokens)
     if stream_tokens and len(tokens) < stream_tokens:
         log(f"bk eval: the stream source holds {len(tokens):,} tokens, fewer than --stream-tokens {stream_tokens:,}")
-    with tqdm(total=len(tokens) - 1, desc="bk stream", unit="tok", unit_scale=True,
-              disable=None if progress else True, leave=False) as bar:  # fmt: skip
+    with progress_bars.bar(total=len(tokens) - 1, desc="bk stream", unit="tok", unit_scale=True,
+                           enabled=progress, leave=False) as bar:  # fmt: skip
         points = stream_eval(model, tokens, chunk, progress=bar)
     return {"run": str(run_dir), "checkpoint_seq_len": state["seq_len"], "chunk": chunk, "source": source,
             "points": [asdict(p) for p in points]}  # fmt: skip

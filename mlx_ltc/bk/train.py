@@ -276,7 +276,7 @@ class LengthRun:
 
     def length(self, phase: Phase, metrics, partial: dict | None = None) -> dict:
         """Train one length (from a Ctrl-C checkpoint's position when given) and score its val loss."""
-        from tqdm import tqdm
+        from mlx_ltc import progress as progress_bars
 
         n, batch = phase.seq_len, phase.micro_batch
         rng = np.random.default_rng([self.opts.seed, n])
@@ -287,8 +287,8 @@ class LengthRun:
             first = partial["length_step"]
         mx.synchronize()
         mx.reset_peak_memory()
-        bar = tqdm(total=phase.steps, initial=first, desc=f"bk L={n:,}", unit="step",
-                   disable=None if self.progress else True, dynamic_ncols=True)  # fmt: skip
+        bar = progress_bars.bar(total=phase.steps, initial=first, desc=f"bk L={n:,}", unit="step",
+                                enabled=self.progress)  # fmt: skip
         with bar:
             for i in range(first, phase.steps):
                 started = time.perf_counter()
@@ -306,7 +306,7 @@ class LengthRun:
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{line['tokens_per_s']:.0f}",
-                                mem=f"{line['peak_bytes'] / 2**30:.2f}GB")  # fmt: skip
+                                mem=f"{line['peak_bytes'] / 2**30:.2f}GB", refresh=False)  # fmt: skip
                 bar.update(1)
                 if self.stop_requested and i + 1 < phase.steps:
                     self._save_partial(phase, i + 1, rng, losses, tokens, train_s)

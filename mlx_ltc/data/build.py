@@ -31,7 +31,7 @@ class Corpus:
     """The repo's usable files after quality filters, with their graph, roles and splits."""
 
     def __init__(self, scan, tokenizer, cfg: DataConfig, cache=None, log=print, progress=True):
-        from tqdm import tqdm
+        from mlx_ltc import progress as progress_bars
 
         self.scan, self.cfg, self.log = scan, cfg, log
         self.markers = formats.markers(tokenizer)
@@ -41,7 +41,7 @@ class Corpus:
         self.vocab_size = len(tokenizer.get_vocab())
         total = sum(len(f.text.encode("utf-8")) for f in scan.files)
         started = time.perf_counter()
-        with tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=None if progress else True) as bar:
+        with progress_bars.bar(total=total, unit="B", unit_scale=True, desc="read", enabled=progress) as bar:
             infos, (self.processed, self.cached) = blobs.process(
                 scan.files, self.encode, self.vocab_size, cache, bar.update
             )

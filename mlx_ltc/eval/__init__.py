@@ -67,13 +67,13 @@ def target_nll(model, tokens: mx.array, chunk: int = 128) -> np.ndarray:
 def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", progress: bool = True) -> Perplexity:
     if len(split) == 0:
         raise UserError(f"{desc}: the split is empty")
-    from tqdm import tqdm
+    from mlx_ltc import progress as progress_bars
 
     model.eval()
     tally = Tally()
     kinds = split.kinds()
     starts = range(0, len(split), batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+    for s in progress_bars.bar(starts, desc=desc, unit="batch", enabled=progress, leave=False):
         tally.add(target_nll(model, mx.array(split.tokens[s : s + batch_size])), kinds[s : s + batch_size])
     return tally.result()
 

@@ -197,7 +197,7 @@ def score(target: str, output: str) -> dict:
 
 def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=_log, progress=True) -> dict:
     """{(target index, mode, budget): {"output", "tokens", "em", "es", ...}} for one model."""
-    from tqdm import tqdm
+    from mlx_ltc import progress as progress_bars
 
     keys = bench.order()
     slot, unique = {}, []  # prompt bytes -> its place in `unique`: each distinct prompt is completed once
@@ -205,11 +205,10 @@ def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=
         if slot.setdefault(bench.prompts[key].tokens.tobytes(), len(unique)) == len(unique):
             unique.append(key)
     started = time.perf_counter()
-    with tqdm(total=len(unique), desc=f"{name}: completion", unit="line", disable=None if progress else True,
-              leave=False) as bar:  # fmt: skip
+    with progress_bars.bar(total=len(unique), desc=f"{name}: completion", unit="line", enabled=progress,
+                           leave=False) as bar:  # fmt: skip
         tally = Counter()
-        done = generate(model, tokenizer, [bench.prompts[k].tokens for k in unique], max_tokens,
-                        _Progress(bar, f"completion {name}", log), tally)  # fmt: skip
+        done = generate(model, tokenizer, [bench.prompts[k].tokens for k in unique], max_tokens, bar, tally)
     results = {}
     for key in keys:
         line, n = done[slot[bench.prompts[key].tokens.tobytes()]]
@@ -220,25 +219,6 @@ def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=
         f"{tally['prefilled']:,} prompt tokens computed, {tally['reused']:,} reused from the cache"
     )
     return results
-
-
-class _Progress:
-    """A tqdm bar, and a log line at every tenth of the work when the bar is not shown (output to a file)."""
-
-    def __init__(self, bar, what: str, log):
-        self.bar, self.what, self.log, self.started = bar, what, log, time.perf_counter()
-        self.done = self.shown = 0  # counted here: a disabled tqdm bar counts nothing
-
-    def update(self, n: int) -> None:
-        self.bar.update(n)
-        self.done += n
-        total = self.bar.total
-        tenth = 10 * self.done // max(total, 1)
-        if self.bar.disable and tenth > self.shown and self.done < total:
-            self.shown = tenth
-            took = time.perf_counter() - self.started
-            left = took * (total - self.done) / self.done
-            self.log(f"{self.what}: {self.done:,}/{total:,} lines, {took / 60:.1f} min, ~{left / 60:.0f} min left")
 
 
 def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tuple:

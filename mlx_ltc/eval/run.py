@@ -82,9 +82,9 @@ def corpus_stream(root: Path, tokenizer, limit: int, max_file_bytes: int) -> tup
 
 
 def _bar(total, desc, unit, progress):
-    from tqdm import tqdm
+    from mlx_ltc import progress as progress_bars
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None if progress else True, leave=False)
+    return progress_bars.bar(total=total, desc=desc, unit=unit, unit_scale=True, enabled=progress, leave=False)
 
 
 def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, qa_set, sample) -> dict:

@@ -404,9 +404,9 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
     table = np.array(embed.weight.astype(mx.float32))
     gists = {"mean_gist": mean_gist(table), "last_input": last_input(table), "gist": trained}
     per_file, ident, streams = {}, {}, []
-    from tqdm import tqdm
+    from mlx_ltc import progress as progress_bars
 
-    for k, f in enumerate(tqdm(files, desc="mc eval", disable=None if progress else True)):
+    for k, f in enumerate(progress_bars.bar(files, desc="mc eval", enabled=progress)):
         tokens = np.asarray(f["tokens"], np.int32)
         other = np.asarray(files[(k + 1) % len(files)]["tokens"], np.int32)
         n_history = len(tokens) - horizon

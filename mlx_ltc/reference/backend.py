@@ -40,7 +40,7 @@ class TorchBackend:
 
     def perplexity(self, model, split, batch_size, desc, progress):
         import torch.nn.functional as F
-        from tqdm import tqdm
+        from mlx_ltc import progress as progress_bars
 
         from mlx_ltc.eval import Tally
 
@@ -50,7 +50,7 @@ class TorchBackend:
         tally, kinds = Tally(), split.kinds()
         starts = range(0, len(split), batch_size)
         with torch.no_grad():
-            for s in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+            for s in progress_bars.bar(starts, desc=desc, unit="batch", enabled=progress, leave=False):
                 tokens = torch.from_numpy(split.tokens[s : s + batch_size]).long()
                 logits = model(input_ids=tokens[:, :-1]).logits
                 nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")

@@ -8,7 +8,6 @@ mean-over-tokens gradient of all micro-batches together.
 
 import json
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,14 +153,14 @@ def accumulate_gradients(loss_and_grad, model, micro_batches):
 
 
 class StepLog:
-    """What every backend records per optimizer step: a `metrics.jsonl` line, the progress bar (plain
-    lines without a terminal), and the divergence check; `result` is the run's TrainResult."""
+    """What every backend records per optimizer step: a `metrics.jsonl` line, the progress bar (log lines
+    without a terminal), and the divergence check; `result` is the run's TrainResult."""
 
     def __init__(self, path: Path, steps: int, progress: bool, peak_memory_gb):
-        from tqdm import tqdm
+        from mlx_ltc import progress as progress_bars
 
-        self.path, self.steps, self.progress, self.peak = Path(path), steps, progress, peak_memory_gb
-        self.bar = tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, dynamic_ncols=True)
+        self.path, self.steps, self.peak = Path(path), steps, peak_memory_gb
+        self.bar = progress_bars.bar(total=steps, desc="train", unit="step", enabled=progress)
         self.tokens, self.loss, self.start = 0, float("nan"), time.perf_counter()
 
     def __enter__(self):
@@ -190,17 +189,9 @@ class StepLog:
         }
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        self.bar.set_postfix(
-            loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_memory_gb']:.2f}GB"
-        )
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                             mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)  # fmt: skip
         self.bar.update(1)
-        if self.progress and self.bar.disable and (step % max(1, self.steps // 20) == 0 or step == self.steps):
-            print(
-                f"train: step {step}/{self.steps} loss {loss:.4f} {row['tokens_per_s']:.0f} tok/s "
-                f"peak {row['peak_memory_gb']:.2f} GB {elapsed:.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
 
     def result(self, trainable_params: int) -> TrainResult:
         wall = time.perf_counter() - self.start

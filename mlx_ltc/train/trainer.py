@@ -193,22 +193,21 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from tqdm import tqdm
+        from mlx_ltc import progress as progress_bars
 
         total = sum(p["steps"] for p in self.state.plan)
         self._init_wandb()
         hardware.reset_peak_memory()
-        bar = tqdm(total=total, initial=self.state.step, desc="train", unit="step",
-                   disable=None if self.progress else True, dynamic_ncols=True)  # fmt: skip
+        bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
         previous = self._catch_sigint()
         try:
             while not self.state.done:
                 stream, more = self._batches(self.phase), True
                 while more:
                     more = self._attempt(stream)
-                    bar.n = self.state.step
                     s = self.state
-                    bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}")
+                    bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}", refresh=False)
+                    bar.update(s.step - bar.n)  # negative after a rollback
                     if self.stop_requested and not self.state.done:
                         self.save("interrupted (Ctrl-C)")
                         raise Interrupted(
