@@ -59,7 +59,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int | None = None  # None: from the memory profile when seq_len is below its maximum, else 1
     grad_accum: int = 1
-    lr: float = 5e-4  # measured against 2e-4 on the embedded model (README, "learning rate")
+    lr: float = 5e-4  # measured against 2e-4 on the embedded model (README, "Learning rate")
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
