@@ -54,7 +54,7 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
     }
 
 
-@cli.command("train")
+@cli.command("train", short_help="Build the dataset, train LoRA adapters, report before/after.")
 @click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository to train on.")
 @click.option(
     "--model",
@@ -66,8 +66,9 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
 )
 @click.option("--max-steps", type=int, default=None, help="Optimizer updates [default: one epoch].")
 @click.option("--seq-len", type=int, default=None, help="Tokens per training sequence [default: derived by analyze].")
-@click.option("--bits", type=int, default=None, help="Quantize to this many bits when the model is not quantized.")
-@click.option("--group-size", type=int, default=None, help="Quantization group size.")
+@click.option("--bits", type=int, default=None,
+              help="Quantize to this many bits when the model is not quantized [default: 4, model.bits].")  # fmt: skip
+@click.option("--group-size", type=int, default=None, help="Quantization group size [default: 64, model.group_size].")
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config (see configs/)."
 )
@@ -82,7 +83,8 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
 @_memory_options
 def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend,
               save_every, report_to, resume, **memory):  # fmt: skip
-    """Build a dataset from REPO, train LoRA adapters, report validation perplexity before/after.
+    """Train LoRA adapters on the repository given by --repo: build its dataset, train, and report the
+    base and adapted models side by side (held-out perplexity, completion, the forgetting check).
 
     Training runs in phases of growing sequence length, steered by the orchestrator; checkpoints make
     it resumable with --resume RUN_DIR (--max-steps then moves the run's end).
@@ -116,7 +118,7 @@ def _data_options(f):
     for opt in reversed([
         click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository."),
         click.option("--model", default=None, help="Whose tokenizer [default: the config's, smollm2-135m]."),
-        click.option("--seq-len", type=int, default=None, help="Override the derived sequence length."),
+        click.option("--seq-len", type=int, default=None, help="Tokens per sequence [default: derived by analyze]."),
         click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):  # fmt: skip
@@ -139,7 +141,7 @@ def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
     return cfg, scan, tokenizer, cache_dir, run.cached_profile(cfg, cache_dir)
 
 
-@cli.command("analyze")
+@cli.command("analyze", short_help="Inventory, import graph and derived constants of a repo.")
 @_data_options
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=Path("analysis.json"), show_default=True,
               help="Where to write the analysis.")  # fmt: skip
@@ -156,14 +158,16 @@ def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
     click.echo(analyze.table(result) + f"  written: {json_out}", nl=True)
 
 
-@cli.command("build")
+@cli.command("build", short_help="Build the packed train/val/test dataset of a repo.")
 @_data_options
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Dataset directory (replaced if a dataset)."
 )
 @click.option("--split", default=None, help="train/val/test shares [default: 85/10/5].")
-@click.option("--fim-rate", type=float, default=None, help="Share of train documents in FIM form (FIM tokenizers).")
-@click.option("--augment", type=float, default=None, help="Share of train files replaced by an augmented variant.")
+@click.option("--fim-rate", type=float, default=None,
+              help="Share of train documents in FIM form (FIM tokenizers) [default: 0.5].")  # fmt: skip
+@click.option("--augment", type=float, default=None,
+              help="Share of train files replaced by an augmented variant [default: 0].")  # fmt: skip
 @click.option("--no-chains", is_flag=True, help="No commit-evolution chains.")
 @click.option("--no-qa", is_flag=True, help="No QA probes.")
 def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, augment, no_chains, no_qa):
@@ -180,7 +184,7 @@ def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, au
     click.echo(json.dumps({k: meta[k] for k in keys} | {"out": str(out)}, indent=1))
 
 
-@cli.command("profile")
+@cli.command("profile", short_help="Find the longest sequence a training step fits here.")
 @click.option("--model", default=None, help="Model to profile [default: the config's, smollm2-135m].")
 @click.option("--memory-budget", default=None, help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows].")
 @click.option("--max-len", type=int, default=None, help="Longest length to try [default: 8192 on CPU, 131072 on GPU].")
@@ -212,14 +216,15 @@ def profile_cmd(model, memory_budget, max_len, granularity, start, batch_size, c
     click.echo(profile.summary(result), nl=False)
 
 
-@cli.command("compare")
+@cli.command("compare", short_help="Check MLX against the PyTorch reference, step by step.")
 @click.option("--model", default="tiny-starcoder2", show_default=True, help="Model to check (as for train).")
 @click.option("--steps", type=int, default=5, show_default=True, help="Optimizer steps on both sides.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Sequences per step.")
 @click.option("--source", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Directory of Python files to make the batches from [default: mlx_ltc's own source].")  # fmt: skip
-@click.option("--reference-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--reference-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the torch side (float64 tells MLX's own rounding apart).")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @_memory_options
 def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json_out, **memory):
@@ -255,7 +260,7 @@ def _int_list(ctx, param, value):
     return out
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Evaluate a run: perplexity, streaming, completion.")
 @click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--base", is_flag=True, help="Also evaluate the base model, side by side (doubles the time).")
 @click.option("--lengths", callback=_int_list, help="Evaluation lengths [default: 512 ... 2 x the trained length].")
@@ -267,7 +272,8 @@ def _int_list(ctx, param, value):
 @click.option("--stream-corpus", type=click.Path(path_type=Path), default=None,
               help="Stream this directory's source files instead of the test split.")  # fmt: skip
 @click.option("--chunk", type=click.IntRange(min=1), default=512, show_default=True, help="Streaming prefill chunk.")
-@click.option("--qa-split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--qa-split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Split whose QA probes are asked.")  # fmt: skip
 @click.option("--splits", type=click.Choice(["val,test", "test", "val"]), default="val,test", show_default=True,
               help="Splits to measure perplexity on.")  # fmt: skip
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="RUN_A RUN_B",
@@ -319,9 +325,10 @@ def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, str
     click.echo(f'written: {Path(run_dir) / "report.md"}, report.json ("eval"), plots/')
 
 
-@cli.group("bk")
+@cli.group("bk", short_help="[research] The BK-core model, trained from scratch.")
 def bk_group():
-    """The BK-core language model (a causal Birman-Schwinger Green's function mixer), trained from scratch."""
+    """[research] The BK-core language model (a causal Birman-Schwinger Green's function mixer), trained
+    from scratch."""
 
 
 def _lengths(text: str) -> list:
@@ -334,7 +341,7 @@ def _lengths(text: str) -> list:
     return lengths
 
 
-@bk_group.command("train")
+@bk_group.command("train", short_help="Train the BK model on growing lengths.")
 @click.option("--seq-lens", default="128,512,2048,8192,32768,131072", show_default=True,
               help="The curriculum's lengths, shortest first.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (continued when it "
@@ -345,16 +352,18 @@ def _lengths(text: str) -> list:
 @click.option("--steps-per-length", type=int, default=200, show_default=True, help="Optimizer updates per length.")
 @click.option("--tokens-per-step", type=int, default=32768, show_default=True,
               help="Tokens per update: batch = max(1, this // length).")  # fmt: skip
-@click.option("--d-model", type=int, default=256, show_default=True)
-@click.option("--layers", type=int, default=4, show_default=True)
+@click.option("--d-model", type=int, default=256, show_default=True, help="Width of the model.")
+@click.option("--layers", type=int, default=4, show_default=True, help="BK blocks.")
 @click.option("--channels", type=int, default=None, help="BK channels per layer [default: d-model].")
 @click.option("--experts", type=int, default=4, show_default=True, help="Experts in each block's MoE.")
 @click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token (learned router).")
-@click.option("--expert-hidden", type=int, default=512, show_default=True)
-@click.option("--router", type=click.Choice(["learned", "scattering"]), default="learned", show_default=True)
+@click.option("--expert-hidden", type=int, default=512, show_default=True, help="Hidden width of each expert.")
+@click.option("--router", type=click.Choice(["learned", "scattering"]), default="learned", show_default=True,
+              help="learned: a linear router; scattering: parameter-free, top-1 by the phase of the Green's "
+              "function.")  # fmt: skip
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate of each length.")
 @click.option("--warmup-steps", type=int, default=20, show_default=True, help="Warmup updates of each length.")
-@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm.")
 @click.option("--val-share", type=float, default=0.05, show_default=True, help="Share of files held out for val.")
 @click.option("--val-tokens", type=int, default=65536, show_default=True, help="Val tokens scored at each length.")
@@ -363,7 +372,7 @@ def _lengths(text: str) -> list:
 @click.option("--train-chunk", type=int, default=8192, show_default=True,
               help="Longer sequences train a chunk at a time through the carried state: memory independent of "
               "length (0: whole sequences).")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bk run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step, d_model, layers, channels, experts,
@@ -394,7 +403,7 @@ def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step,
     click.echo(results["table"] + f"written: {Path(out) / 'results.json'}, {Path(out) / 'summary.txt'}")
 
 
-@bk_group.command("eval")
+@bk_group.command("eval", short_help="Stream tokens through a bk checkpoint.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--stream-tokens", type=click.IntRange(min=0), default=1 << 20, show_default=True,
               help="Tokens to stream (0: the whole source).")  # fmt: skip
@@ -418,12 +427,13 @@ def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet)
     click.echo(evaluate.table(result), nl=False)
 
 
-@cli.group("mc")
+@cli.group("mc", short_help="[research] MegaContext: learned gists for the frozen base.")
 def mc_group():
-    """MegaContext: learned gists and focus for the frozen embedded model, measured against truncation."""
+    """[research] MegaContext: learned gists and focus for the frozen embedded model, measured against
+    truncation."""
 
 
-@mc_group.command("train")
+@mc_group.command("train", short_help="Train GistNet, LensNet and a LoRA in cycles.")
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="Repository (its train split trains).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (continued when it holds an unfinished run with the same settings).")  # fmt: skip
@@ -440,7 +450,7 @@ def mc_group():
 @click.option("--l2-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).")  # fmt: skip
 @click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="Phase summaries only.")
 def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed,
@@ -455,11 +465,12 @@ def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, c
     click.echo(f"trained: {', '.join(state['done'])}; written: {Path(out) / 'state.json'}")
 
 
-@mc_group.command("eval")
+@mc_group.command("eval", short_help="Truncation vs gists vs focus vs full context.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), required=True,
               help="Rows {budget, condition, nll, ci_low, ci_high} go here.")  # fmt: skip
-@click.option("--budgets", callback=_int_list, default="256,512,1024", show_default=True)
+@click.option("--budgets", callback=_int_list, default="256,512,1024", show_default=True,
+              help="Working-context budgets (positions) to evaluate.")  # fmt: skip
 @click.option("--horizon", type=click.IntRange(min=2), default=128, show_default=True, help="Scored tokens per file.")
 @click.option("--min-tokens", type=int, default=3000, show_default=True, help="Shortest held-out file scored.")
 @click.option("--max-tokens", type=int, default=6000, show_default=True, help="Longest held-out file scored.")

@@ -159,9 +159,11 @@ def test_training_progress_reaches_a_log_file(tiny_dir, tmp_path, monkeypatch, c
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     loaded = fresh_tiny(tiny_dir, rank=8)
     run_training(loaded.model, random_windows(2, 65), tmp_path, max_steps=4, batch_size=2, progress=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("train:")]
     assert all(any(f"| {k}/4 [" in line for line in lines) for k in range(1, 5)), lines  # every step, not just the end
     assert "phase=1" in lines[-1] and "loss=" in lines[-1], lines
+    assert any(line.startswith("train (validating):") for line in err), err  # the evaluations say what they are
 
 
 def test_adapters_load_in_mlx_lm_and_reproduce_our_outputs(tiny_dir, tmp_path):

@@ -81,6 +81,22 @@ def tables(phases: list, lengths: list, counts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_ticks(values, n: int = 5) -> list:
+    """About n tick values, two significant digits, evenly spaced on a log axis over the finite positive
+    values: a loss that stays inside one decade gets labelled ticks too."""
+    v = np.asarray([x for x in values if math.isfinite(x) and x > 0], dtype=np.float64)
+    if not len(v):
+        return []
+
+    def two_digits(x, how):  # the ends round inwards, so they stay inside the plotted range
+        unit = 10.0 ** (math.floor(math.log10(x)) - 1)
+        return float(f"{how(x / unit) * unit:.2g}")
+
+    ticks = np.geomspace(v.min(), v.max(), n)
+    ends = {two_digits(v.min(), math.ceil), two_digits(v.max(), math.floor)}
+    return sorted(ends | {two_digits(x, round) for x in ticks[1:-1]})
+
+
 def plot(rows: list, events: list, path: Path) -> None:
     """Loss (train and val), LR and sequence length over steps; phase starts as vertical lines,
     rollbacks and LR reductions marked."""
@@ -97,8 +113,11 @@ def plot(rows: list, events: list, path: Path) -> None:
     ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val loss")
     ax_loss.set_ylabel("loss (nats, log scale)")
     ax_loss.set_yscale("log")  # a spike must not flatten the rest
-    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_loss.yaxis.set_major_locator(
+        matplotlib.ticker.FixedLocator(log_ticks([r["loss"] for r in rows] + [r["val_loss"] for r in evals]))
+    )
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_loss.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax_lr.plot(steps, [r["lr"] for r in rows], lw=0.9)
     ax_lr.set_ylabel("learning rate")
     ax_len.step(steps, [r["seq_len"] for r in rows], where="post")

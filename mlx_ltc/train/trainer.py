@@ -57,6 +57,7 @@ class Trainer:
         if len(train_split) == 0:
             raise UserError("the training split is empty")
         self.model, self.train_split, self.cfg, self.log, self.progress = model, train_split, cfg, log, progress
+        self.bar = None  # the progress bar while run() runs
         self.run_dir = Path(run_dir)
         self.val = val_split.rows(slice(0, cfg.orchestrator.eval_sequences))
         if cfg.train.grad_checkpoint and not cfg.memory.staged:
@@ -198,7 +199,7 @@ class Trainer:
         total = sum(p["steps"] for p in self.state.plan)
         self._init_wandb()
         hardware.reset_peak_memory()
-        bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
+        self.bar = bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
         previous = self._catch_sigint()
         try:
             while not self.state.done:
@@ -302,11 +303,15 @@ class Trainer:
         from mlx_ltc.eval import position_nll
 
         started = time.perf_counter()
+        if self.bar is not None:  # a validation takes tens of seconds: say so, on a terminal and in a log
+            self.bar.set_description_str("train (validating)", refresh=True)
         split = phases.view(self.val, self.phase.seq_len)
         # Decisions follow the held-out files' loss (the headline), commit chains are logged beside it.
         measured, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size, only="file")
         loss = measured.by_kind["file"]["loss"] if "file" in measured.by_kind else measured.loss
         self.model.train()
+        if self.bar is not None:
+            self.bar.set_description_str("train", refresh=False)
         gain = context_gain(total / count.clip(min=1))
         self.state.train_s += time.perf_counter() - started
         row.update({"val_loss": loss, "val_ppl": math.exp(loss), "context_gain": gain, "val_all_loss": measured.loss})
