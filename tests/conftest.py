@@ -64,3 +64,14 @@ def run_cli(*args, cwd=None, env=None):
         env={**os.environ, **(env or {})},
         timeout=900,
     )
+
+
+# Module fixtures that train or load a model for a whole file: every test that uses one is slow, so the
+# fast tier (`pytest -m "not slow"`) never pays for their setup.
+SLOW_FIXTURES = {"tiny_run", "trained_run", "trained", "reference_run", "torch_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -664,6 +664,7 @@ def stdlib_sample(count: int = 120) -> list:
     return sample[:count]
 
 
+@pytest.mark.slow
 def test_stdlib_rename_keeps_bytecode_equivalent():
     renamed_names = total_names = changed_files = 0
     for path, source, code in stdlib_sample():

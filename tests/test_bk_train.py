@@ -201,6 +201,7 @@ def test_resume_trains_only_the_new_lengths(tiny_run, corpus, tmp_path):
     assert_one_line_error(again, "already holds a finished run")
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_a_length_saves_and_the_run_continues_exactly(cache_dir, corpus, tmp_path):
     args = ("--corpus", corpus, "--seq-lens", "32,64", "--steps-per-length", "12", "--tokens-per-step", "64",
             "--val-tokens", "128", "--train-chunk", "48", *TINY_MODEL, "--quiet")  # fmt: skip

@@ -267,6 +267,7 @@ def test_train_reports_files_chains_forgetting_and_completion(trained):
     assert len(records) == 8 and all("base/in_file/128" in r["outputs"] for r in records)
 
 
+@pytest.mark.slow
 def test_eval_completion_writes_rows_records_table_and_plot(trained):
     root, repo, run, _ = trained
     out = root / "completion.json"

@@ -500,6 +500,7 @@ def test_augmentation_replaces_train_files_and_still_parses(tmp_path, tokenizer)
 # --- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_analyze_and_build_commands(tmp_path, cache_dir):
     repo = package_repo(tmp_path / "repo")
     proc = run_cli("analyze", "--repo", repo, "--json", tmp_path / "a.json", "--quiet")

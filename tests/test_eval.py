@@ -71,6 +71,7 @@ def test_stream_points_are_exact_at_every_mark(tiny):
         assert p.window == 0 and p.peak_bytes > 0
 
 
+@pytest.mark.slow
 def test_stream_memory_does_not_grow_with_the_stream(tiny):
     tokens = tokens_of(64 * 1024, seed=3)
     points = stream.stream_eval(tiny, tokens, 256, chunk=256, marks=[8192, 64 * 1024])
@@ -205,6 +206,7 @@ def test_eval_writes_report_json_and_plots(trained_run):
     assert "test perplexity" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_streams_the_test_split_by_default(trained_run):
     root, repo, run = trained_run
     out = root / "split.json"
@@ -217,6 +219,7 @@ def test_eval_streams_the_test_split_by_default(trained_run):
     assert result["models"] == ["adapted"] and result["streaming"][-1]["tokens"] == test_tokens
 
 
+@pytest.mark.slow
 def test_eval_bad_input_is_one_clear_line(trained_run, tmp_path):
     root, repo, run = trained_run
 

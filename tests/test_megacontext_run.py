@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from test_megacontext_context import covered
 from test_megacontext_positions import tiny_llama
@@ -53,6 +54,7 @@ def small_repo(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_mc_train_then_eval_end_to_end(tmp_path):
     repo, out = small_repo(tmp_path / "repo"), tmp_path / "run"
     runner = CliRunner()

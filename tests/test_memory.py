@@ -134,6 +134,7 @@ def test_engine_rejects_unsupported_models():
         engine.check_supported(Other())
 
 
+@pytest.mark.slow
 def test_staged_peak_stays_below_stock_as_length_grows(smollm2_dir):
     """The point of the engine: at 1024 tokens the embedded model's step peaks well below stock's."""
     model = models.load(smollm2_dir).model
@@ -177,6 +178,7 @@ def test_search_finds_the_boundary_by_doubling_then_bisection():
     assert best is None
 
 
+@pytest.mark.slow
 def test_profile_finds_a_length_and_train_uses_it(tiny_dir, tmp_path, small_repo):
     out = tmp_path / "profile.json"
     r = run_cli("profile", "--model", "tiny-starcoder2", "--memory-budget", "200MB", "--max-len", "1024", "--json", out)
@@ -216,6 +218,7 @@ def test_chunked_nll_and_attention_in_bf16_with_a_quantized_tied_head():
     assert _rel(ours.astype(mx.float32), naive_attention(q, k, v, 128**-0.5).astype(mx.float32)) < 2e-2
 
 
+@pytest.mark.slow
 def test_train_can_switch_each_part_of_the_engine_off(tiny_dir, tmp_path, small_repo):
     out = tmp_path / "run"
     r = run_cli(

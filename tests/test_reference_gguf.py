@@ -41,6 +41,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(snippet_ids, torch_model)
     assert torch_model[1].encode(text, add_special_tokens=False)[:256] == ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dequantize", ["always", "never"])
 def test_logits_match_transformers_gguf_model(smollm2_dir, snippet_ids, torch_model, dequantize):
     from mlx_ltc import models

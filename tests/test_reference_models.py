@@ -164,6 +164,7 @@ def test_compare_passes_and_catches_a_wrong_optimizer(tiny_dir, monkeypatch):
     assert not broken.ok and any("LoRA update" in r.quantity and not r.ok for r in broken.rows)
 
 
+@pytest.mark.slow
 def test_compare_cli_exit_code_and_json(tiny_dir, tmp_path):
     json_out = tmp_path / "c.json"
     r = run_cli("compare", "--model", "tiny-starcoder2", "--steps", "2", "--seq-len", "48", "--json", json_out)
@@ -176,6 +177,7 @@ def test_compare_cli_exit_code_and_json(tiny_dir, tmp_path):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--steps" in bad.stderr
 
 
+@pytest.mark.slow
 def test_torch_backend_trains_like_mlx_and_writes_mlx_lm_adapters(tiny_dir, small_repo, tmp_path):
     """The same run on both backends: identical batches and LoRA start, so the loss curves agree, and
     the adapters torch writes evaluate in MLX to the perplexity torch reported."""

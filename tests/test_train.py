@@ -141,6 +141,7 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_dir):
         assert np.allclose(grads[0][k], grads[1][k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_logs_every_step(tiny_dir, tmp_path):
     windows = random_windows(2, 65)
     loaded = fresh_tiny(tiny_dir, rank=8, scale=4.0)

@@ -86,6 +86,7 @@ def test_a_multi_phase_run_logs_every_step_its_phases_and_its_decisions(referenc
     assert "per phase" in (reference_run / "summary.txt").read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_at_an_arbitrary_step_then_resume_repeats_the_same_losses(repo_and_config, reference_run):
     root, repo, config = repo_and_config
     out = root / "killed"
@@ -107,6 +108,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_repeats_the_same_losses(repo_a
     assert all(mx.array_equal(a[k], b[k]).item() for k in b)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_then_resume_finishes_identically(repo_and_config, reference_run):
     root, repo, config = repo_and_config
     out = root / "interrupted"
@@ -167,6 +169,7 @@ def trainer(tiny_dir, run_dir, split, n_phases=1, orchestrator=None, **stability
     return t
 
 
+@pytest.mark.slow
 def test_injected_nans_and_spikes_roll_back_and_the_run_finishes(tiny_dir, tmp_path):
     t = trainer(tiny_dir, tmp_path, windows(8, 33), inject_nan=[5, 6, 7], inject_spike=[14, 15, 16])
     result = t.run()
@@ -183,6 +186,7 @@ def test_injected_nans_and_spikes_roll_back_and_the_run_finishes(tiny_dir, tmp_p
     assert t.state.attempts >= 24 + 3 + 3  # the skipped updates and the rolled-back spike steps were redone
 
 
+@pytest.mark.slow
 def test_an_early_advance_hands_its_unused_updates_to_the_next_phase(tiny_dir, tmp_path):
     always = {"converge_tol": 10.0, "context_tol": -1.0, "converge_evals": 1, "min_phase_share": 0.0}
     t = trainer(tiny_dir, tmp_path, windows(8, 65), n_phases=2, orchestrator=always)
