@@ -199,7 +199,8 @@ class Trainer:
         total = sum(p["steps"] for p in self.state.plan)
         self._init_wandb()
         hardware.reset_peak_memory()
-        self.bar = bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
+        bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
+        self.bar = bar
         previous = self._catch_sigint()
         try:
             while not self.state.done:
