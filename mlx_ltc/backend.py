@@ -28,6 +28,7 @@ def lora_a_init(name: str, input_dims: int, rank: int, seed: int) -> np.ndarray:
 
 class Backend(Protocol):
     name: str
+    curriculum: bool  # trains in phases of growing length, steered by the orchestrator
 
     def load(self, model_dir: Path, cfg: Config, log): ...  # -> models.LoadedModel
 
@@ -43,6 +44,7 @@ class Backend(Protocol):
 
 class MLXBackend:
     name = "mlx"
+    curriculum = True
 
     def load(self, model_dir, cfg, log):
         from mlx_ltc import models, train

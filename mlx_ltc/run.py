@@ -121,6 +121,9 @@ def run_train(
         require_wandb()
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
     compute_with = backend.get(cfg.train.backend)
+    if not compute_with.curriculum and (cfg.curriculum.phases or 1) > 1:
+        raise UserError(f"curriculum.phases {cfg.curriculum.phases}: the {compute_with.name} backend trains one "
+                        "phase at the dataset's length; use the mlx backend for a curriculum")  # fmt: skip
     _log(f"model: resolving {cfg.model.name}")
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = compute_with.load(model_dir, cfg, _log)
@@ -132,11 +135,12 @@ def run_train(
     if cfg.lora.rank is None:
         cfg.lora.rank = constants["lora_rank"]["value"]
     if not cfg.curriculum.phases:
-        cfg.curriculum.phases = constants["phases"]["value"]
-    _log(
-        f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank}, "
-        f"{cfg.curriculum.phases} phase(s) ({source})"
-    )
+        cfg.curriculum.phases = constants["phases"]["value"] if compute_with.curriculum else 1
+    phases = f"{cfg.curriculum.phases} phase(s)"
+    if not compute_with.curriculum:
+        phases = f"1 phase: the {compute_with.name} backend has no curriculum"
+    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank}, {phases} "
+         f"({source})")  # fmt: skip
     if meta["splits"]["train"]["sequences"] == 0 or meta["splits"]["val"]["sequences"] == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(

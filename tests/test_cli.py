@@ -102,6 +102,16 @@ def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, cache_dir, files, arg
     assert not out.exists()
 
 
+def test_a_curriculum_on_the_torch_backend_is_one_line(tmp_path, small_repo):
+    """The torch reference trains one phase: asking it for more is an error, not silently ignored."""
+    config = tmp_path / "phases.yaml"
+    config.write_text("curriculum:\n  phases: 2\n")
+    out = tmp_path / "out"
+    proc = run_cli("train", "--repo", small_repo, "--out", out, "--backend", "torch", "--config", config, *TINY)
+    assert_one_line_error(proc, "the torch backend trains one phase")
+    assert not out.exists()
+
+
 def test_bad_config_file_is_one_line(tmp_path, small_repo):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  learning_rate: 0.1\n")

@@ -194,6 +194,7 @@ def test_torch_backend_trains_like_mlx_and_writes_mlx_lm_adapters(tiny_dir, smal
         args = ["train", "--repo", small_repo, "--model", "tiny-starcoder2", "--max-steps", "4", "--seq-len", "64"]
         r = run_cli(*args, "--backend", backend, "--out", out, "--quiet", "--config", pinned)
         assert r.returncode == 0, r.stderr
+        assert ("1 phase: the torch backend has no curriculum" in r.stderr) == (backend == "torch"), r.stderr
         runs[backend] = out
     curves = {b: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")] for b, d in runs.items()}
     assert len(curves["torch"]) == 4

@@ -21,6 +21,7 @@ from mlx_ltc.reference import model as reference_model
 
 class TorchBackend:
     name = "torch"
+    curriculum = False  # one phase at the dataset's length
 
     def load(self, model_dir, cfg, log):
         from mlx_ltc import models
