@@ -220,6 +220,7 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             bar.close()
+            self.bar = None
             if self.wandb is not None:
                 self.wandb.finish()
         n = sum(p.size for _, p in tree_flatten(self.model.trainable_parameters()))
