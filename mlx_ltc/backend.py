@@ -29,8 +29,13 @@ def lora_a_init(name: str, input_dims: int, rank: int, seed: int) -> np.ndarray:
 class Backend(Protocol):
     name: str
     curriculum: bool  # trains in phases of growing length, steered by the orchestrator
+    memory_engine: bool  # runs the memory engine (O(L) attention, chunked loss, staged execution)
 
     def load(self, model_dir: Path, cfg: Config, log): ...  # -> models.LoadedModel
+
+    def engine_supports(self, loaded) -> bool: ...  # the memory engine can run this model
+
+    def prepare(self, loaded, cfg: Config) -> None: ...  # install the resolved config's memory policy
 
     def perplexity(self, model, split, batch_size: int, desc: str, progress: bool): ...  # -> eval.Perplexity
 
@@ -45,18 +50,23 @@ class Backend(Protocol):
 class MLXBackend:
     name = "mlx"
     curriculum = True
+    memory_engine = True
 
     def load(self, model_dir, cfg, log):
-        from mlx_ltc import models, train
+        from mlx_ltc import models
 
-        loaded = models.load(model_dir, cfg.model.dequantize)
-        if not train.engine.supports(loaded.model) and (cfg.memory.attention == "efficient" or cfg.memory.staged):
-            kind = loaded.config.get("model_type")
-            log(f"memory: the engine does not support {kind!r} models; using MLX's attention")
-            cfg.memory.attention, cfg.memory.staged = "stock", False
+        return models.load(model_dir, cfg.model.dequantize)
+
+    def engine_supports(self, loaded):
+        from mlx_ltc import train
+
+        return train.engine.supports(loaded.model)
+
+    def prepare(self, loaded, cfg):
+        from mlx_ltc import train
+
         if cfg.memory.attention == "efficient":  # base and adapted evals then use the training attention
             train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
-        return loaded
 
     def perplexity(self, model, split, batch_size, desc, progress):
         from mlx_ltc.eval import perplexity

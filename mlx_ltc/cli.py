@@ -109,8 +109,9 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
         "orchestrator": {"report_to": report_to},
     }
     overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
-    cfg = config.build(config_file, overrides)
-    report = run.run_train(cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet)
+    cfg, given = config.build_given(config_file, overrides)
+    report = run.run_train(cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet,
+                           given=given)  # fmt: skip
     click.echo(run.summary(report), nl=False)
 
 
@@ -138,7 +139,7 @@ def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
     scan = data.scan(repo, cfg.data.max_file_bytes)
     cache_dir = models.default_cache_dir()
     tokenizer = models.load_tokenizer(models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size))
-    return cfg, scan, tokenizer, cache_dir, run.cached_profile(cfg, cache_dir)
+    return cfg, scan, tokenizer, cache_dir, run.cached_profile(cfg.model.name, cfg.memory, cache_dir)
 
 
 @cli.command("analyze", short_help="Inventory, import graph and derived constants of a repo.")

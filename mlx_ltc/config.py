@@ -1,4 +1,4 @@
-"""Run configuration: plain dataclasses, merged from defaults <- YAML file <- command-line flags.
+"""Run configuration: frozen dataclasses, merged from defaults <- YAML file <- command-line flags.
 
 Every key and type is checked; a mistake is a UserError that names the key.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from mlx_ltc.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m"  # built-in name, local mlx-lm/HF directory, or Hugging Face id
     bits: int = 4  # used when the model is not already quantized
@@ -20,7 +20,7 @@ class ModelConfig:
     dequantize: str = "auto"  # auto: dequantize to float32 on the CPU backend | always | never
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     seq_len: int | None = None  # None: derived by `analyze` (p95 rule), capped by the memory profile
     split: str = "85/10/5"  # train/val/test shares, assigned per file from a stable hash of its path
@@ -44,7 +44,7 @@ class DataConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     rank: int | None = None  # None: derived by `analyze` (8 * sqrt(seq_len / 512) * ln(files + 1), a power of two)
     scale: float = 2.0  # mlx-lm's convention: the update is scale * x @ A @ B
@@ -53,7 +53,7 @@ class LoraConfig:
     layers: int = -1  # adapt the last N transformer layers; -1 = all
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = None  # None: run `epochs` over the training sequences
     epochs: float = 1.0
@@ -70,7 +70,7 @@ class TrainConfig:
     backend: str = "mlx"  # mlx | torch (the reference: transformers on torch CPU, small models, no memory engine)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     attention: str = "efficient"  # efficient: O(L)-memory custom backward | stock: MLX's scaled_dot_product_attention
     loss: str = "chunked"  # chunked: never materialise L x V logits | full
@@ -80,7 +80,7 @@ class MemoryConfig:
     block_mb: int = 64  # working-set target of one attention block or MLP chunk, MiB
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurriculumConfig:
     """Phases of growing sequence length. The lists are a template for n phases (n from `phases`, or the
     analysis' derived constant when 0): the last n lengths, shares and bands, the first n LR multipliers."""
@@ -92,7 +92,7 @@ class CurriculumConfig:
     bands: list[float] = field(default_factory=lambda: [0.6, 0.85, 1.0])  # easiest share of sequences (difficulty)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OrchestratorConfig:
     """Rules applied at each validation eval (mlx_ltc/train/orchestrator.py)."""
 
@@ -113,7 +113,7 @@ class OrchestratorConfig:
     report_to: str = "none"  # none | wandb
 
 
-@dataclass
+@dataclass(frozen=True)
 class StabilityConfig:
     spike_factor: float = 2.0  # a loss above this times the running median is a spike
     spike_window: int = 20  # steps in the running median
@@ -124,13 +124,13 @@ class StabilityConfig:
     inject_spike: list[int] = field(default_factory=list)  # attempts whose loss and gradients are scaled by 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     save_every: int = 0  # optimizer steps; 0: only at phase ends, new bests, Ctrl-C and the end
     keep_last: int = 3  # plus the best of the current phase
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """What train's final report measures besides validation perplexity (`mlx-ltc eval` measures more)."""
 
@@ -139,7 +139,7 @@ class EvalConfig:
     forgetting_tokens: int = 8192  # standard-library tokens scored by both models (0: no forgetting check)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -210,10 +210,11 @@ def _check_type(key, value, hint):
 
 
 def merge(config: Config, updates: dict, source: str = "") -> Config:
-    """Apply a nested dict of overrides, rejecting unknown keys and wrong types."""
+    """A new Config with a nested dict of overrides applied, rejecting unknown keys and wrong types."""
     where = f" (in {source})" if source else ""
     if not isinstance(updates, dict):
         raise UserError(f"config{where}: expected a mapping of sections, got {type(updates).__name__}")
+    sections = {}
     for section, values in updates.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
             raise UserError(f"config{where}: unknown section {section!r}")
@@ -223,10 +224,12 @@ def merge(config: Config, updates: dict, source: str = "") -> Config:
         if not isinstance(values, dict):
             raise UserError(f"config{where}: section {section!r} must be a mapping")
         hints = typing.get_type_hints(type(target))
-        for key, value in values.items():
+        for key in values:
             if key not in hints:
                 raise UserError(f"config{where}: unknown key {section}.{key}")
-            setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+        checked = {key: _check_type(f"{section}.{key}", value, hints[key]) for key, value in values.items()}
+        sections[section] = dataclasses.replace(sections.get(section, target), **checked)
+    config = dataclasses.replace(config, **sections)
     validate(config)
     return config
 
@@ -298,7 +301,14 @@ def load_file(path) -> dict:
 
 
 def build(config_file=None, overrides: dict | None = None) -> Config:
-    config = Config()
-    if config_file is not None:
-        merge(config, load_file(config_file), source=str(config_file))
-    return merge(config, overrides or {}, source="command line")
+    return build_given(config_file, overrides)[0]
+
+
+def build_given(config_file=None, overrides: dict | None = None) -> tuple[Config, dict]:
+    """The config, and where the user set each value: {"section.key": "flag" | "file"} (flags win)."""
+    from_file = load_file(config_file) if config_file is not None else {}
+    config = merge(Config(), from_file, source=str(config_file)) if from_file else Config()
+    config = merge(config, overrides or {}, source="command line")
+    given = {f"{s}.{k}": "file" for s, values in from_file.items() for k in (values or {})}
+    given |= {f"{s}.{k}": "flag" for s, values in (overrides or {}).items() for k in (values or {})}
+    return config, given

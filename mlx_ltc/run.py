@@ -12,7 +12,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_ltc import __version__, atomic, backend, data, hardware, models
+from mlx_ltc import __version__, atomic, backend, data, hardware, models, plan
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
 
@@ -41,36 +41,20 @@ def check_out_dir(out: Path, overwrite: bool) -> bool:
     return True
 
 
-def cached_profile(cfg: Config, cache_dir: Path):
+def cached_profile(model_name: str, memory, cache_dir: Path):
+    """The cached `mlx-ltc profile` of this model with this memory policy on this backend, or None."""
     from mlx_ltc.hardware import profile
 
-    return profile.cached(cache_dir, cfg.model.name, asdict(cfg.memory))
-
-
-def apply_profile(cfg: Config, p) -> str:
-    """Fill in the micro-batch and checkpoint policy left open from the cached memory profile of this
-    model on this backend (`mlx-ltc profile`). Returns where the values came from."""
-    from mlx_ltc.hardware import profile
-
-    if p is None:
-        cfg.train.batch_size = cfg.train.batch_size or 1
-        return "no `mlx-ltc profile` for this model and backend"
-    if cfg.train.batch_size is None:  # the engine's peak grows ~linearly with batch x length
-        cfg.train.batch_size = max(1, min(8, p["max_seq_len"] * p["batch_size"] // cfg.data.seq_len))
-    if not cfg.memory.layers_per_stage and cfg.data.seq_len * cfg.train.batch_size >= p["max_seq_len"]:
-        cfg.memory.layers_per_stage = p["layers_per_stage"]
-    return (
-        f"memory profile ({profile.format_size(p['memory_budget'])} budget: longest step {p['max_seq_len']:,} tokens)"
-    )
+    return profile.cached(cache_dir, model_name, asdict(memory))
 
 
 def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profile=None, progress=True):
-    """analyze + build: the dataset in `out` and the analysis. Fills cfg.data.seq_len when open."""
+    """analyze + build (`mlx-ltc build`): the dataset in `out` at the config's sequence length, or the
+    derived one when it has none, and the analysis."""
     corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
-    derived = analysis["constants"]
-    cfg.data.seq_len = cfg.data.seq_len or derived["seq_len"]["value"]
-    meta = data.build(corpus, out, cfg.data.seq_len, analysis, progress=progress)
+    meta = data.build(corpus, out, cfg.data.seq_len or analysis["constants"]["seq_len"]["value"], analysis,
+                      progress=progress)  # fmt: skip
     _log(data_summary(meta))
     return meta, analysis
 
@@ -109,8 +93,10 @@ def default_out(repo: Path) -> Path:
 
 
 def run_train(
-    cfg: Config, repo: Path, out: Path, overwrite: bool = False, cache_dir=None, progress: bool = True
+    cfg: Config, repo: Path, out: Path, overwrite: bool = False, cache_dir=None, progress: bool = True,
+    given: dict | None = None,
 ) -> dict:
+    """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given)."""
     started = time.perf_counter()
     out = Path(out)
     replace = check_out_dir(out, overwrite)
@@ -121,26 +107,23 @@ def run_train(
         require_wandb()
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
     compute_with = backend.get(cfg.train.backend)
-    if not compute_with.curriculum and (cfg.curriculum.phases or 1) > 1:
-        raise UserError(f"curriculum.phases {cfg.curriculum.phases}: the {compute_with.name} backend trains one "
-                        "phase at the dataset's length; use the mlx backend for a curriculum")  # fmt: skip
+    plan.check(cfg, compute_with)
     _log(f"model: resolving {cfg.model.name}")
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = compute_with.load(model_dir, cfg, _log)
-    profile = cached_profile(cfg, cache_dir) if compute_with.name == "mlx" else None  # profiles measure MLX
+    given = given if given is not None else {}
+    policy = plan.memory_policy(cfg, given, compute_with, loaded)
+    memory = plan.effective_memory(cfg, policy)
+    profile = cached_profile(cfg.model.name, memory, cache_dir) if compute_with.name == "mlx" else None
+    corpus = data.Corpus.cached(scan, loaded.tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
+    analysis = corpus.analysis(profile)
+    run_plan = plan.resolve(cfg, given, compute_with, policy, analysis["constants"], profile)
+    _log(run_plan.describe())
+    cfg = run_plan.config
+    compute_with.prepare(loaded, cfg)
     staging = out.parent / f".{out.name}.data.tmp"  # the dataset is moved into the run directory below
-    meta, analysis = prepare_data(cfg, scan, loaded.tokenizer, staging, cache_dir, profile, progress)
-    constants = analysis["constants"]
-    source = apply_profile(cfg, profile)
-    if cfg.lora.rank is None:
-        cfg.lora.rank = constants["lora_rank"]["value"]
-    if not cfg.curriculum.phases:
-        cfg.curriculum.phases = constants["phases"]["value"] if compute_with.curriculum else 1
-    phases = f"{cfg.curriculum.phases} phase(s)"
-    if not compute_with.curriculum:
-        phases = f"1 phase: the {compute_with.name} backend has no curriculum"
-    _log(f"plan: seq_len {cfg.data.seq_len}, batch {cfg.train.batch_size}, LoRA rank {cfg.lora.rank}, {phases} "
-         f"({source})")  # fmt: skip
+    meta = data.build(corpus, staging, cfg.data.seq_len, analysis, progress=progress)
+    _log(data_summary(meta))
     if meta["splits"]["train"]["sequences"] == 0 or meta["splits"]["val"]["sequences"] == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(
@@ -158,6 +141,7 @@ def run_train(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     staging.rename(out / "data")
+    run_plan.save(out)
     atomic.write_json(
         out / "config.json",
         {
@@ -191,7 +175,8 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     if not (run_dir / BASE_EVAL).is_file() or not (run_dir / "checkpoints").is_dir():
         raise UserError(f"--resume {run_dir}: the run stopped before training began; start it again")
     info = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = config.build(None, info["config"])
+    run_plan = plan.load(run_dir)  # runs from before plans: config.json holds the resolved config
+    cfg = run_plan.config if run_plan else config.build(None, info["config"])
     compute_with = backend.get(cfg.train.backend)
     if compute_with.name != "mlx":
         raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
@@ -200,6 +185,7 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     if not model_dir.is_dir():
         model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = compute_with.load(model_dir, cfg, _log)
+    compute_with.prepare(loaded, cfg)
     return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps)
 
 

@@ -48,6 +48,10 @@ def test_train_writes_a_complete_run(tiny_run):
     derived = json.loads((out / "data" / "analysis.json").read_text())["constants"]["lora_rank"]
     assert derived["inputs"]["seq_len"] == 64  # --seq-len feeds the other constants
     assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == derived["value"]
+    plan = json.loads((out / "plan.json").read_text())  # resolved once; what config.json records and resume reads
+    assert plan["config"] == json.loads((out / "config.json").read_text())["config"]
+    assert plan["seq_len"]["source"] == "flag" and plan["lora_rank"]["source"] == "derived"
+    assert plan["lora_rank"]["value"] == derived["value"] and "plan: seq_len 64, batch 1" in proc.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = report["train"]["steps"]  # 6, or fewer when the orchestrator saw convergence
     assert 1 < steps <= 6 and [m["step"] for m in metrics] == list(range(1, steps + 1))

@@ -228,4 +228,6 @@ def test_train_can_switch_each_part_of_the_engine_off(tiny_dir, tmp_path, small_
     assert r.returncode == 0, r.stderr
     memory = json.loads((out / "config.json").read_text())["config"]["memory"]
     assert memory["staged"] is False and memory["loss"] == "full" and memory["attention"] == "stock"
+    plan = json.loads((out / "plan.json").read_text())
+    assert [plan[k]["source"] for k in ("attention", "loss", "staged")] == ["flag"] * 3
     assert (out / "COMPLETE").exists()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mlx_ltc.config import Config, OrchestratorConfig, StabilityConfig, TrainConfig
+from mlx_ltc.config import Config, OrchestratorConfig, StabilityConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.train import phases
 from mlx_ltc.train.orchestrator import GradStats, Orchestrator, Stability, context_gain
@@ -125,9 +125,8 @@ def test_context_gain_compares_the_end_of_the_window_with_its_middle():
 
 
 def make_cfg(seq_len=256, n_phases=3, **train):
-    cfg = Config(train=TrainConfig(**train))
-    cfg.data.seq_len, cfg.curriculum.phases = seq_len, n_phases
-    return cfg
+    return merge(Config(train=TrainConfig(**train)), {"data": {"seq_len": seq_len},
+                                                              "curriculum": {"phases": n_phases}})
 
 
 def test_plan_scales_lengths_keeps_tokens_per_update_and_uses_the_whole_budget():

@@ -6,7 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_ltc import models, progress, train
-from mlx_ltc.config import Config, LoraConfig, TrainConfig
+from mlx_ltc.config import Config, LoraConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import phases
@@ -31,8 +31,10 @@ def random_windows(n, length, seed=0, short_last=None):
 
 def run_training(model, split, run_dir, val=None, n_phases=1, progress=False, **train_kw):
     """The product's loop on a bare split: no early stop, evals on `val` (default: the split)."""
-    cfg = Config(train=TrainConfig(**train_kw))
-    cfg.data.seq_len, cfg.curriculum.phases, cfg.orchestrator.converge_tol = split.tokens.shape[1], n_phases, 0.0
+    cfg = merge(Config(train=TrainConfig(**train_kw)), {
+        "data": {"seq_len": split.tokens.shape[1]}, "curriculum": {"phases": n_phases},
+        "orchestrator": {"converge_tol": 0.0},
+    })  # fmt: skip
     trainer = Trainer(model, split, val or split, cfg, run_dir, log=lambda msg: None, progress=progress)
     trainer.start(phases.total_steps(cfg, len(split)))
     return trainer.run()

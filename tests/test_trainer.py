@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli, write_files
 
 from mlx_ltc import models, train
-from mlx_ltc.config import Config, LoraConfig, TrainConfig
+from mlx_ltc.config import Config, LoraConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.train import phases
 from mlx_ltc.train.checkpoint import Checkpoints
@@ -120,6 +120,7 @@ def test_ctrl_c_saves_and_exits_then_resume_finishes_identically(repo_and_config
     assert "saved a checkpoint at step" in stderr and f"--resume {out}" in stderr
     stopped = len(metrics(out))
     assert Checkpoints(out).steps()[-1] == stopped  # the checkpoint is the last finished step
+    (out / "plan.json").unlink()  # as a run written before plans: resume reads config.json's config
     resumed = run_cli("train", "--resume", out, "--max-steps", str(STEPS), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference_run)]
@@ -158,12 +159,11 @@ def windows(n, length, seed=0):
 def trainer(tiny_dir, run_dir, split, n_phases=1, orchestrator=None, **stability):
     loaded = models.load(tiny_dir, dequantize="always")
     train.apply_lora(loaded.model, LoraConfig(rank=4))
-    cfg = Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2))
-    cfg.data.seq_len, cfg.curriculum.phases = split.tokens.shape[1], n_phases
-    cfg.orchestrator.converge_tol, cfg.orchestrator.eval_every, cfg.checkpoint.save_every = 0.0, 4, 2
-    for section, values in (("stability", stability), ("orchestrator", orchestrator or {})):
-        for k, v in values.items():
-            setattr(getattr(cfg, section), k, v)
+    cfg = merge(Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2)), {
+        "data": {"seq_len": split.tokens.shape[1]}, "curriculum": {"phases": n_phases},
+        "orchestrator": {"converge_tol": 0.0, "eval_every": 4, **(orchestrator or {})},
+        "checkpoint": {"save_every": 2}, "stability": stability,
+    })  # fmt: skip
     t = Trainer(loaded.model, split, split, cfg, run_dir, log=lambda m: None, progress=False)
     t.start(phases.total_steps(cfg, len(split)))
     return t

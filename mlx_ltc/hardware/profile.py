@@ -6,6 +6,7 @@ when MLX's peak memory (weights included) stays within the budget; a step that g
 stopped at the next evaluation boundary, and an allocation failure counts as "does not fit".
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -307,11 +308,9 @@ def run_profile(
     def try_len(n):
         last = None
         for k in plans:
-            cfg.memory.layers_per_stage = k
-            last = probe(loaded.model, cfg.memory, n, budget, batch_size)
+            last = probe(loaded.model, dataclasses.replace(cfg.memory, layers_per_stage=k), n, budget, batch_size)
             if last.fits:
                 break
-        cfg.memory.layers_per_stage = settings["memory"]["layers_per_stage"]
         return last
 
     log(f"profile: searching the longest sequence (real training steps of {cfg.model.name}, batch {batch_size})")

@@ -22,6 +22,7 @@ from mlx_ltc.reference import model as reference_model
 class TorchBackend:
     name = "torch"
     curriculum = False  # one phase at the dataset's length
+    memory_engine = False  # plain autograd: the model and length must fit as they are
 
     def load(self, model_dir, cfg, log):
         from mlx_ltc import models
@@ -38,6 +39,12 @@ class TorchBackend:
             dtype="float32",
             fixes=[],
         )
+
+    def engine_supports(self, loaded):
+        return False
+
+    def prepare(self, loaded, cfg):
+        pass
 
     def perplexity(self, model, split, batch_size, desc, progress):
         import torch.nn.functional as F

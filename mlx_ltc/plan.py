@@ -1,0 +1,169 @@
+"""Resolve, then execute: the frozen plan of a training run.
+
+The user's config leaves some values open (sequence length, micro-batch, LoRA rank, phases, layers per
+stage) and some can't hold for this model or backend (the memory engine on a model it doesn't support).
+`resolve` settles all of them once, from the config, the repository's analysis, the cached memory
+profile and what the backend can do, and says where each value came from. The run then executes the
+plan's config; nothing changes a config after this point. `plan.json` in the run directory holds it, so
+a resumed run reads the same plan back instead of deriving it again.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_ltc import atomic, config
+from mlx_ltc.config import Config, MemoryConfig
+from mlx_ltc.errors import UserError
+
+PLAN = "plan.json"
+# where a value came from: the command line, the YAML file, the config's default, the analysis' derived
+# constants, the memory profile, or what the backend / model allows
+SOURCES = ("flag", "file", "default", "derived", "profile", "backend")
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: int | str | bool
+    source: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    backend: Choice
+    seq_len: Choice
+    batch_size: Choice
+    lora_rank: Choice
+    phases: Choice
+    attention: Choice
+    loss: Choice
+    staged: Choice
+    layers_per_stage: Choice
+    config: Config  # every value above filled in; what the run executes
+
+    def describe(self) -> str:
+        """A summary line, then each value with where it came from."""
+        phases = f"{self.phases.value} phase" + ("s" if self.phases.value != 1 else "")
+        if self.phases.source == "backend":
+            phases += f": {self.phases.why}"
+        head = (f"plan: seq_len {self.seq_len.value}, batch {self.batch_size.value}, "
+                f"LoRA rank {self.lora_rank.value}, {phases}")  # fmt: skip
+        rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "config"]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {c.value!s:<9} {c.source}" + (f": {c.why}" if c.why else "") for name, c in rows]
+        return head + "\n" + "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "RunPlan":
+        choices = {k: Choice(**v) for k, v in doc.items() if k != "config"}
+        return cls(**choices, config=config.build(None, doc["config"]))
+
+    def save(self, run_dir: Path) -> None:
+        atomic.write_json(Path(run_dir) / PLAN, self.to_json())
+
+
+def load(run_dir: Path) -> RunPlan | None:
+    """The run's plan; None for a run written before plans existed (its config.json holds the config)."""
+    path = Path(run_dir) / PLAN
+    if not path.is_file():
+        return None
+    try:
+        return RunPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path} is not a readable plan ({e})") from None
+
+
+def memory_policy(cfg: Config, given: dict, backend, loaded) -> dict:
+    """attention, loss and staged as Choices: the config's, unless the backend or model can't run them."""
+    m = cfg.memory
+    choices = {k: Choice(getattr(m, k), given.get(f"memory.{k}", "default")) for k in ("attention", "loss", "staged")}
+    if not backend.memory_engine:
+        why = f"the {backend.name} backend has no memory engine"
+        return {"attention": Choice("stock", "backend", why), "loss": Choice("full", "backend", why),
+                "staged": Choice(False, "backend", why)}  # fmt: skip
+    if not backend.engine_supports(loaded) and (m.attention == "efficient" or m.staged):
+        why = f"the memory engine does not support {loaded.config.get('model_type')!r} models"
+        choices["attention"] = Choice("stock", "backend", why)
+        choices["staged"] = Choice(False, "backend", why)
+    return choices
+
+
+def effective_memory(cfg: Config, policy: dict) -> MemoryConfig:
+    return dataclasses.replace(cfg.memory, **{k: c.value for k, c in policy.items()})
+
+
+def _derived(constants: dict, name: str) -> Choice:
+    c = constants[name]
+    inputs = ", ".join(f"{k} {v}" for k, v in c.get("inputs", {}).items())
+    return Choice(c["value"], "derived", c["formula"] + (f" ({inputs})" if inputs else ""))
+
+
+def check(cfg: Config, backend) -> None:
+    """What the user asked for that this backend can't do: one clear error before any model loads."""
+    if not backend.curriculum and cfg.curriculum.phases > 1:
+        raise UserError(f"curriculum.phases {cfg.curriculum.phases}: the {backend.name} backend trains one "
+                        "phase at the dataset's length; use the mlx backend for a curriculum")  # fmt: skip
+
+
+def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: dict | None) -> RunPlan:
+    """The frozen plan. `given` maps "section.key" to "flag" or "file" for the values the user set;
+    `policy` is `memory_policy`'s; `constants` the analysis' derived constants (computed at the given
+    sequence length when there is one); `profile` the cached memory profile or None."""
+
+    def user(key: str, default_source="default") -> Choice:
+        section, name = key.split(".")
+        return Choice(getattr(getattr(cfg, section), name), given.get(key, default_source))
+
+    backend_choice = user("train.backend")
+    if given.get("data.seq_len"):
+        seq_len = user("data.seq_len")
+    else:
+        seq_len = _derived(constants, "seq_len")
+    if given.get("lora.rank"):
+        rank = user("lora.rank")
+    else:
+        rank = _derived(constants, "lora_rank")
+
+    check(cfg, backend)
+    if not backend.curriculum:
+        phases = Choice(1, "backend", f"the {backend.name} backend has no curriculum")
+    elif cfg.curriculum.phases:
+        phases = user("curriculum.phases")
+    else:
+        phases = _derived(constants, "phases")
+
+    budget = f"memory profile: longest step {profile['max_seq_len']:,} tokens" if profile else ""
+    if cfg.train.batch_size is not None:
+        batch = user("train.batch_size")
+    elif profile is None:
+        batch = Choice(1, "default", "no `mlx-ltc profile` for this model and backend")
+    else:  # the engine's peak grows ~linearly with batch x length
+        value = max(1, min(8, profile["max_seq_len"] * profile["batch_size"] // seq_len.value))
+        batch = Choice(value, "profile", budget)
+
+    layers = user("memory.layers_per_stage")
+    if not policy["staged"].value:
+        layers = Choice(0, layers.source, "not staged")
+    elif not layers.value:
+        if profile is not None and seq_len.value * batch.value >= profile["max_seq_len"]:
+            layers = Choice(profile["layers_per_stage"], "profile", budget)
+        else:
+            layers = Choice(1, "default", "every layer's input kept")
+
+    resolved = config.merge(
+        cfg,
+        {
+            "data": {"seq_len": seq_len.value},
+            "train": {"batch_size": batch.value},
+            "lora": {"rank": rank.value},
+            "curriculum": {"phases": phases.value},
+            "memory": {k: c.value for k, c in policy.items()} | {"layers_per_stage": layers.value},
+        },
+    )
+    return RunPlan(backend_choice, seq_len, batch, rank, phases, policy["attention"], policy["loss"],
+                   policy["staged"], layers, resolved)  # fmt: skip
