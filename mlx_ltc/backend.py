@@ -6,24 +6,13 @@ independent reference, so the whole tool can run, and its loss curves be compare
 doing the numbers.
 """
 
-import zlib
 from pathlib import Path
 from typing import Protocol
-
-import numpy as np
 
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
 
 NAMES = ("mlx", "torch")
-
-
-def lora_a_init(name: str, input_dims: int, rank: int, seed: int) -> np.ndarray:
-    """The initial LoRA A of adapter `name` (e.g. model.layers.3.self_attn.q_proj): mlx-lm's
-    convention, U(-1/sqrt(in), 1/sqrt(in)), drawn from numpy so both backends start identically."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    bound = 1 / np.sqrt(input_dims)
-    return rng.uniform(-bound, bound, size=(input_dims, rank)).astype(np.float32)
 
 
 class Backend(Protocol):
@@ -41,7 +30,7 @@ class Backend(Protocol):
 
     def apply_lora(self, model, cfg: Config) -> dict: ...  # -> mlx-lm adapter_config
 
-    # -> train.TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints
+    # -> TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints
     def train(self, model, split, val, cfg: Config, run_dir: Path, progress: bool, resume=False, max_steps=None): ...
 
     def save_adapters(self, model, adapter_dir: Path, adapter_config: dict) -> None: ...
@@ -58,15 +47,15 @@ class MLXBackend:
         return models.load(model_dir, cfg.model.dequantize)
 
     def engine_supports(self, loaded):
-        from mlx_ltc import train
+        from mlx_ltc.train import engine
 
-        return train.engine.supports(loaded.model)
+        return engine.supports(loaded.model)
 
     def prepare(self, loaded, cfg):
-        from mlx_ltc import train
+        from mlx_ltc.train import engine
 
         if cfg.memory.attention == "efficient":  # base and adapted evals then use the training attention
-            train.engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
+            engine.use_efficient_attention(loaded.model, cfg.memory.block_mb << 20)
 
     def perplexity(self, model, split, batch_size, desc, progress):
         from mlx_ltc.eval import perplexity
@@ -74,9 +63,9 @@ class MLXBackend:
         return perplexity(model, split, batch_size, desc=desc, progress=progress)
 
     def apply_lora(self, model, cfg):
-        from mlx_ltc import train
+        from mlx_ltc.train.lora import apply_lora
 
-        return train.apply_lora(model, cfg.lora, seed=cfg.train.seed)
+        return apply_lora(model, cfg.lora, seed=cfg.train.seed)
 
     def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
         from mlx_ltc.train import phases
@@ -90,9 +79,9 @@ class MLXBackend:
         return trainer.run()
 
     def save_adapters(self, model, adapter_dir, adapter_config):
-        from mlx_ltc import train
+        from mlx_ltc.train.lora import save_adapters
 
-        train.save_adapters(model, adapter_dir, adapter_config)
+        save_adapters(model, adapter_dir, adapter_config)
 
 
 def get(name: str) -> Backend:

@@ -380,7 +380,7 @@ def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step,
                  top_k, expert_hidden, router, lr, warmup_steps, weight_decay, max_grad_norm, val_share, val_tokens,
                  max_tokens, grad_checkpoint, train_chunk, seed, overwrite, quiet):  # fmt: skip
     """Train the BK model on growing lengths; per-length checkpoints, results.json and summary.txt in OUT."""
-    from mlx_ltc.bk import data, train
+    from mlx_ltc.research.bk import data, train
 
     if repo is not None and corpus is not None:
         raise UserError("give --repo or --corpus, not both")
@@ -419,7 +419,7 @@ def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet)
     """Stream tokens through a bk run's checkpoint with its exact carried state: NLL, memory and speed at
     1K, 4K, 16K, ... tokens."""
     from mlx_ltc import atomic
-    from mlx_ltc.bk import evaluate
+    from mlx_ltc.research.bk import evaluate
 
     log = lambda line: click.echo(line, err=True)
     result = evaluate.evaluate_run(run_dir, stream_tokens, corpus, chunk, seq_len, progress=not quiet, log=log)
@@ -457,7 +457,7 @@ def mc_group():
 def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed,
                  overwrite, quiet):  # fmt: skip
     """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
-    from mlx_ltc.megacontext import run as mc
+    from mlx_ltc.research.megacontext import run as mc
 
     opts = mc.McOptions(cycles=cycles, max_steps=max_steps, lens_contexts=lens_contexts, budget=budget,
                         horizon=horizon, contrast=contrast, l2_steps=l2_steps, split=split, seed=seed)  # fmt: skip
@@ -481,7 +481,7 @@ def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, c
 def mc_eval_cmd(run_dir, json_out, budgets, horizon, min_tokens, max_tokens, max_files, base, quiet):
     """NLL of held-out files' ends: truncation vs gists vs LensNet focus vs full context, with bootstrap CIs."""
     from mlx_ltc import atomic
-    from mlx_ltc.megacontext import run as mc
+    from mlx_ltc.research.megacontext import run as mc
 
     result = mc.evaluate_run(run_dir, budgets, horizon, min_tokens, max_tokens, max_files, base_only=base,
                              progress=not quiet, log=lambda m: click.echo(m, err=True))  # fmt: skip

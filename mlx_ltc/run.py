@@ -258,7 +258,7 @@ def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Pa
     the trained length. A problem with either is a note in the report, never a lost run."""
     from mlx_ltc.eval import completion, forgetting, perplexity
     from mlx_ltc.eval.report import TRAIN_RECORDS
-    from mlx_ltc.train import adapters_off
+    from mlx_ltc.train.lora import adapters_off
 
     model, tokenizer, e = loaded.model, loaded.tokenizer, cfg.eval
     found, notes = {}, []

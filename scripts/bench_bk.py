@@ -11,7 +11,7 @@ side by side in one run; and time and memory per token vs length, the O(N) claim
 windows of the same token stream, AdamW with warmup + cosine per length, clipping, the chunked tied-head
 loss) and prints, as each finishes, per model and length: train loss (mean of the last 10% of steps), val
 loss, tokens/s and peak memory, with ratios to BK. The corpus (default: this interpreter's standard library)
-goes through `mlx_ltc.bk.data`, the embedded tokenizer's 49,152 entries. The transformer and Mamba keep BK's
+goes through `mlx_ltc.research.bk.data`, the embedded tokenizer's 49,152 entries. The transformer and Mamba keep BK's
 width, so the tied 49,152 x d embedding, most of the parameters, is the same; their layers and intermediate
 size are searched to match BK's total count (BK's MoE counts all experts, though only top-k run per token).
 
@@ -47,12 +47,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama, mamba
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_ltc.bk import BKConfig, BKModel, data
-from mlx_ltc.bk.evaluate import chunk_nll
-from mlx_ltc.bk import chunked
-from mlx_ltc.bk.chunked import mean_nll
-from mlx_ltc.bk.train import LengthRun, TrainOptions, check_corpus, length_phases  # `bk train`'s own steps
-from mlx_ltc.train import enable_grad_checkpoint
+from mlx_ltc.research.bk import BKConfig, BKModel, data
+from mlx_ltc.research.bk.evaluate import chunk_nll
+from mlx_ltc.research.bk import chunked
+from mlx_ltc.research.bk.chunked import mean_nll
+from mlx_ltc.research.bk.train import LengthRun, TrainOptions, check_corpus, length_phases  # `bk train`'s own steps
+from mlx_ltc.train.update import enable_grad_checkpoint
 
 MODELS = ("bk", "transformer", "mamba")
 

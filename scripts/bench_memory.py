@@ -64,7 +64,8 @@ def child(args) -> dict:
     import numpy as np
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_ltc import models, train
+    from mlx_ltc import models
+    from mlx_ltc.train.lora import apply_lora
     from mlx_ltc.config import LoraConfig, MemoryConfig
     from mlx_ltc.train import engine
 
@@ -75,7 +76,7 @@ def child(args) -> dict:
     else:
         loaded = models.load(models.resolve(args.model, models.default_cache_dir()))
         model, tokenizer = loaded.model, loaded.tokenizer
-    train.apply_lora(model, LoraConfig(rank=args.rank), seed=0)
+    apply_lora(model, LoraConfig(rank=args.rank), seed=0)
     # non-zero B so that every LoRA gradient (not only dB) is compared
     mx.random.seed(1)
     flat = tree_flatten(model.trainable_parameters())

@@ -25,7 +25,8 @@ def child(name, seq_len, rank, model, steps):
     import mlx.core as mx
     import numpy as np
 
-    from mlx_ltc import models, train
+    from mlx_ltc import models
+    from mlx_ltc.train.lora import apply_lora
     from mlx_ltc.config import LoraConfig, MemoryConfig
     from mlx_ltc.train import engine
 
@@ -33,7 +34,7 @@ def child(name, seq_len, rank, model, steps):
     memory = MemoryConfig(**CONFIGS[name])
     if memory.attention == "efficient":
         engine.use_efficient_attention(loaded.model, memory.block_mb << 20)
-    train.apply_lora(loaded.model, LoraConfig(rank=rank))
+    apply_lora(loaded.model, LoraConfig(rank=rank))
     step = engine.loss_and_grad(loaded.model, memory)
     tokens = mx.array(np.random.default_rng(0).integers(100, 40000, (1, seq_len)).astype(np.int32))
     weights = mx.ones((1, seq_len - 1))

@@ -19,10 +19,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_ltc.errors import UserError
-from mlx_ltc.megacontext import run as mc
-from mlx_ltc.megacontext.positions import forward_at
-from mlx_ltc.megacontext.train import sample_windows
-from mlx_ltc.train.loss import token_nll
+from mlx_ltc.research.megacontext import run as mc
+from mlx_ltc.research.megacontext.positions import forward_at
+from mlx_ltc.research.megacontext.train import sample_windows
+from mlx_ltc.numerics.loss import token_nll
 
 
 def main():

@@ -16,8 +16,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc.bk import kernel
-from mlx_ltc.bk.core import green_function
+from mlx_ltc.research.bk import kernel
+from mlx_ltc.research.bk.core import green_function
 
 ARGS = ("a", "k_prev", "energy", "eta", "g_init_re", "g_init_im")
 

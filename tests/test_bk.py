@@ -9,10 +9,10 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_ltc.bk import BKConfig, BKModel
-from mlx_ltc.bk.core import green_function
-from mlx_ltc.bk.model import scattering_experts
-from mlx_ltc.bk.scan import linear_scan
+from mlx_ltc.research.bk import BKConfig, BKModel
+from mlx_ltc.research.bk.core import green_function
+from mlx_ltc.research.bk.model import scattering_experts
+from mlx_ltc.research.bk.scan import linear_scan
 from mlx_ltc.reference import bk as ref
 from mlx_ltc.reference import deviation
 

@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_ltc.bk import BKConfig, BKModel
-from mlx_ltc.bk.evaluate import chunk_nll
-from mlx_ltc.bk.loss import nll_per_token
+from mlx_ltc.research.bk import BKConfig, BKModel
+from mlx_ltc.research.bk.evaluate import chunk_nll
+from mlx_ltc.research.bk.loss import nll_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
 

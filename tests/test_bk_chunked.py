@@ -1,4 +1,4 @@
-"""Chunked training through the carried state (`mlx_ltc.bk.chunked`) equals the one-shot model."""
+"""Chunked training through the carried state (`mlx_ltc.research.bk.chunked`) equals the one-shot model."""
 
 import gc
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_ltc.bk import BKConfig, BKModel, chunked
-from mlx_ltc.train import enable_grad_checkpoint
+from mlx_ltc.research.bk import BKConfig, BKModel, chunked
+from mlx_ltc.train.update import enable_grad_checkpoint
 
 
 def model_of(router="learned", seed=0, **sizes):

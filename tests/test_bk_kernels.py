@@ -1,4 +1,4 @@
-"""The BK kernels' shared body (mlx_ltc/bk/kernels/bk_scan_body.h), compiled for the CPU with the system C++
+"""The BK kernels' shared body (mlx_ltc/research/bk/kernels/bk_scan_body.h), compiled for the CPU with the system C++
 compiler through its C++ prelude, against the torch float64 reference and the MLX ops fallback.
 
 This checks the algorithm every backend runs and the Python side around it (scan_forward/scan_backward,
@@ -18,8 +18,8 @@ import pytest
 import torch
 from test_bk import CORE_ARGS, as_torch, complex_parts, core_inputs, relative, torch_green
 
-from mlx_ltc.bk import kernel
-from mlx_ltc.bk.core import green_function
+from mlx_ltc.research.bk import kernel
+from mlx_ltc.research.bk.core import green_function
 from mlx_ltc.reference import deviation
 
 ROOT = Path(__file__).resolve().parent.parent

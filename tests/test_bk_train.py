@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from conftest import run_cli, write_files
 from mlx.utils import tree_flatten
 
-from mlx_ltc.bk import BKConfig, BKModel
-from mlx_ltc.bk import data as bk_data
-from mlx_ltc.bk.evaluate import stream_eval
-from mlx_ltc.bk.loss import nll_per_token, tied_nll_sum
-from mlx_ltc.bk.train import CorpusOptions, TrainOptions, load_checkpoint, train, val_loss
+from mlx_ltc.research.bk import BKConfig, BKModel
+from mlx_ltc.research.bk import data as bk_data
+from mlx_ltc.research.bk.evaluate import stream_eval
+from mlx_ltc.research.bk.loss import nll_per_token, tied_nll_sum
+from mlx_ltc.research.bk.train import CorpusOptions, TrainOptions, load_checkpoint, train, val_loss
 from mlx_ltc.cli import cli
 from mlx_ltc.errors import UserError
 
@@ -165,8 +165,10 @@ def test_stream_memory_stays_constant():
     mx.eval(model.parameters())
     tokens = np.random.default_rng(0).integers(0, 256, 16385).astype(np.int32)
     gc.collect()
-    points = stream_eval(model, tokens, chunk=512, marks=[1024, 4096, 16385])
-    assert [p.tokens for p in points] == [1024, 4096, 16385]
+    # the allocator's transients settle over the first few chunks (1024 tokens in: 4.6-5.3 MB, by 4096: 5.9 MB,
+    # whatever ran before); a state that grew with the stream would add ~0.13 MB a chunk from there on
+    points = stream_eval(model, tokens, chunk=512, marks=[4096, 8192, 16385])
+    assert [p.tokens for p in points] == [4096, 8192, 16385]
     assert points[-1].peak_bytes <= 1.1 * points[0].peak_bytes, [p.peak_bytes for p in points]
     assert all(0 < p.nll < 10 for p in points)
 

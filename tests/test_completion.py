@@ -209,18 +209,18 @@ def test_adapters_off_is_the_base_model(tiny_dir):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from mlx_ltc import train
+    from mlx_ltc.train.lora import adapters_off, apply_lora
     from mlx_ltc.config import LoraConfig
 
     loaded = models.load(tiny_dir)
     x = mx.array([[1, 5, 9, 200, 7]])
     base = loaded.model(x)
-    train.apply_lora(loaded.model, LoraConfig(rank=4))
+    apply_lora(loaded.model, LoraConfig(rank=4))
     loaded.model.update(tree_map(lambda p: p + 0.05, loaded.model.trainable_parameters()))
     assert any(n.endswith("lora_b") for n, _ in tree_flatten(loaded.model.trainable_parameters()))
     adapted = loaded.model(x)
     assert not mx.allclose(adapted, base)
-    with train.adapters_off(loaded.model):
+    with adapters_off(loaded.model):
         assert mx.array_equal(loaded.model(x), base)
     assert mx.array_equal(loaded.model(x), adapted)
 

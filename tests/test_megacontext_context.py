@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_megacontext_positions import tiny_llama
 
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext import tree as mc_tree
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext import tree as mc_tree
 
 
 def tree_of(model, n, seed=0):

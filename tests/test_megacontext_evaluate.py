@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from test_megacontext_positions import tiny_llama
 
-from mlx_ltc.megacontext import evaluate as ev
-from mlx_ltc.megacontext.tree import last_input, mean_gist
+from mlx_ltc.research.megacontext import evaluate as ev
+from mlx_ltc.research.megacontext.tree import last_input, mean_gist
 
 CONDITIONS = ("truncation", "mean_gist", "last_input", "full", "shuffled", "other_file", "zeroed")
 

@@ -5,9 +5,9 @@ import pytest
 from test_megacontext_context import covered, tree_of
 from test_megacontext_positions import tiny_llama
 
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext.context import Entry
-from mlx_ltc.megacontext.focus import Focus, extend
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext.context import Entry
+from mlx_ltc.research.megacontext.focus import Focus, extend
 
 
 @pytest.fixture(scope="module")

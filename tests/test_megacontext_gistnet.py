@@ -5,8 +5,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
-from mlx_ltc.megacontext.tree import GistTree, last_input, mean_gist
+from mlx_ltc.research.megacontext.gistnet import GistConfig, GistNet, compressor
+from mlx_ltc.research.megacontext.tree import GistTree, last_input, mean_gist
 
 
 def net_and_table(pick: float = 8.0):

@@ -5,9 +5,9 @@ import numpy as np
 from test_megacontext_context import tree_of
 from test_megacontext_positions import tiny_llama
 
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext import lens
-from mlx_ltc.megacontext.context import Entry
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext import lens
+from mlx_ltc.research.megacontext.context import Entry
 
 
 def test_labels_are_the_nll_change_of_each_entrys_counterfactual():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_megacontext_positions import tiny_llama
 
-from mlx_ltc.megacontext.gistnet import GistConfig, GistNet
-from mlx_ltc.megacontext.objective import substitution_loss, teacher_logprobs
-from mlx_ltc.megacontext.train import train_gistnet
+from mlx_ltc.research.megacontext.gistnet import GistConfig, GistNet
+from mlx_ltc.research.megacontext.objective import substitution_loss, teacher_logprobs
+from mlx_ltc.research.megacontext.train import train_gistnet
 
 
 def setup(seed=0):
@@ -67,8 +67,8 @@ def test_the_contrast_term_measures_how_much_a_sample_needs_its_own_gists():
 
 
 def test_level_2_replaces_32_blocks_by_one_gist_of_gists_at_its_span_centre():
-    from mlx_ltc.megacontext.objective import _log_softmax
-    from mlx_ltc.megacontext.positions import forward_at
+    from mlx_ltc.research.megacontext.objective import _log_softmax
+    from mlx_ltc.research.megacontext.positions import forward_at
 
     model = tiny_llama()
     model.freeze()

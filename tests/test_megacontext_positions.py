@@ -5,7 +5,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
-from mlx_ltc.megacontext.positions import PositionedRoPE, forward_at
+from mlx_ltc.research.megacontext.positions import PositionedRoPE, forward_at
 
 
 def tiny_llama():

@@ -13,10 +13,10 @@ from test_megacontext_context import covered
 from test_megacontext_positions import tiny_llama
 
 from mlx_ltc.cli import cli
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext import lens
-from mlx_ltc.megacontext.run import identifier_mask, stream_focus
-from mlx_ltc.megacontext.tree import mean_gist
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext import lens
+from mlx_ltc.research.megacontext.run import identifier_mask, stream_focus
+from mlx_ltc.research.megacontext.tree import mean_gist
 
 
 def test_identifier_mask_marks_names_defined_only_in_the_truncated_head():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlx_ltc.errors import UserError
-from mlx_ltc.megacontext import tree as mc_tree
+from mlx_ltc.research.megacontext import tree as mc_tree
 
 WIDTH = 8
 

@@ -14,9 +14,10 @@ from mlx_ltc import models
 from mlx_ltc.config import LoraConfig, MemoryConfig
 from mlx_ltc.errors import UserError
 from mlx_ltc.hardware import profile
-from mlx_ltc.train import apply_lora, engine
-from mlx_ltc.train.attention import efficient_attention, naive_attention
-from mlx_ltc.train.loss import chunked_nll, nll_sum
+from mlx_ltc.train import engine
+from mlx_ltc.train.lora import apply_lora
+from mlx_ltc.numerics.attention import efficient_attention, naive_attention
+from mlx_ltc.numerics.loss import chunked_nll, nll_sum
 
 
 def _rel(a, b):

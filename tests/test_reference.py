@@ -19,11 +19,11 @@ from mlx_ltc.reference import TOLERANCES, within  # noqa: E402
 from mlx_ltc.reference import lora as rlora  # noqa: E402
 from mlx_ltc.reference import ops, quant  # noqa: E402
 from mlx_ltc.reference import optim as roptim  # noqa: E402
-from mlx_ltc.train import apply_lora, lora_keys  # noqa: E402
+from mlx_ltc.train.lora import apply_lora, lora_keys  # noqa: E402
 from mlx_ltc.train.phases import lr_schedule  # noqa: E402
-from mlx_ltc.train.attention import efficient_attention, query_block  # noqa: E402
-from mlx_ltc.train.loss import chunked_nll, token_nll  # noqa: E402
-from mlx_ltc.train.reductions import logsumexp  # noqa: E402
+from mlx_ltc.numerics.attention import efficient_attention, query_block  # noqa: E402
+from mlx_ltc.numerics.loss import chunked_nll, token_nll  # noqa: E402
+from mlx_ltc.numerics.reductions import logsumexp  # noqa: E402
 
 WORST = {}  # name -> (max_abs, rel_l2) seen; printed at the end with -s
 

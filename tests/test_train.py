@@ -5,19 +5,22 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_ltc import models, progress, train
+from mlx_ltc import models, progress
 from mlx_ltc.config import Config, LoraConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.errors import UserError
 from mlx_ltc.train import phases
-from mlx_ltc.train.loss import nll_sum
+from mlx_ltc.train.batches import batches
+from mlx_ltc.train.lora import apply_lora, lora_keys, save_adapters
+from mlx_ltc.train.update import accumulate_gradients, enable_grad_checkpoint
+from mlx_ltc.numerics.loss import nll_sum
 from mlx_ltc.train.trainer import Trainer
 
 
 def fresh_tiny(tiny_dir, lora=True, **lora_kw):
     loaded = models.load(tiny_dir, dequantize="always")
     if lora:
-        loaded.adapter_config = train.apply_lora(loaded.model, LoraConfig(**lora_kw))
+        loaded.adapter_config = apply_lora(loaded.model, LoraConfig(**lora_kw))
     return loaded
 
 
@@ -52,15 +55,15 @@ def test_padding_never_counts(tiny_dir):
 
 def test_lora_targets_attention_and_mlp_by_architecture(tiny_dir, smollm2_dir):
     tiny = models.load(tiny_dir, dequantize="always").model
-    assert train.lora_keys(tiny, LoraConfig()) == [
+    assert lora_keys(tiny, LoraConfig()) == [
         "mlp.c_fc", "mlp.c_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj",
     ]  # fmt: skip
     smol = models.load(smollm2_dir, dequantize="never").model
-    assert train.lora_keys(smol, LoraConfig(targets=["self_attn.q_proj", "mlp"])) == [
+    assert lora_keys(smol, LoraConfig(targets=["self_attn.q_proj", "mlp"])) == [
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj",
     ]  # fmt: skip
     with pytest.raises(UserError, match="match no linear layer"):
-        train.lora_keys(tiny, LoraConfig(targets=["attention"]))
+        lora_keys(tiny, LoraConfig(targets=["attention"]))
 
 
 def test_fresh_lora_is_the_base_model_and_only_lora_trains(tiny_dir):
@@ -110,8 +113,8 @@ def test_accumulation_is_token_weighted_like_one_big_batch(tiny_dir):
     windows = random_windows(2, 33, short_last=9)  # unequal token counts per micro-batch
     loaded = fresh_tiny(tiny_dir, rank=4)
     loss_and_grad = nn.value_and_grad(loaded.model, nll_sum)
-    one, s1, n1, t1 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 2))
-    two, s2, n2, t2 = train.accumulate_gradients(loss_and_grad, loaded.model, train.batches(windows, 1))
+    one, s1, n1, t1 = accumulate_gradients(loss_and_grad, loaded.model, batches(windows, 2))
+    two, s2, n2, t2 = accumulate_gradients(loss_and_grad, loaded.model, batches(windows, 1))
     assert n1.item() == n2.item() == t1 == t2 == 32 + 8
     assert abs(s1.item() - s2.item()) < 1e-3
     one, two = dict(tree_flatten(one)), dict(tree_flatten(two))
@@ -135,7 +138,7 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_dir):
         ]
         loaded.model.load_weights(b_values, strict=False)
         if ckpt:
-            train.enable_grad_checkpoint(loaded.model)
+            enable_grad_checkpoint(loaded.model)
         (_, _), g = nn.value_and_grad(loaded.model, nll_sum)(loaded.model, tokens, lengths)
         grads.append(dict(tree_flatten(g)))
     assert any(mx.abs(v).max().item() > 0 for k, v in grads[0].items() if k.endswith("lora_a"))
@@ -174,7 +177,7 @@ def test_adapters_load_in_mlx_lm_and_reproduce_our_outputs(tiny_dir, tmp_path):
 
     loaded = fresh_tiny(tiny_dir, rank=4)
     run_training(loaded.model, random_windows(2, 33), tmp_path, max_steps=3, lr=1e-2)
-    train.save_adapters(loaded.model, tmp_path / "adapters", loaded.adapter_config)
+    save_adapters(loaded.model, tmp_path / "adapters", loaded.adapter_config)
     theirs, _ = load(str(tiny_dir), adapter_path=str(tmp_path / "adapters"))
     ids = mx.array([[5, 600, 7000, 80, 9, 10, 11]])
     ours_out, theirs_out = loaded.model(ids), theirs(ids)

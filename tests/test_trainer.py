@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import run_cli, write_files
 
-from mlx_ltc import models, train
+from mlx_ltc import models
+from mlx_ltc.train.lora import apply_lora
 from mlx_ltc.config import Config, LoraConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.train import phases
@@ -158,7 +159,7 @@ def windows(n, length, seed=0):
 
 def trainer(tiny_dir, run_dir, split, n_phases=1, orchestrator=None, **stability):
     loaded = models.load(tiny_dir, dequantize="always")
-    train.apply_lora(loaded.model, LoraConfig(rank=4))
+    apply_lora(loaded.model, LoraConfig(rank=4))
     cfg = merge(Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2)), {
         "data": {"seq_len": split.tokens.shape[1]}, "curriculum": {"phases": n_phases},
         "orchestrator": {"converge_tol": 0.0, "eval_every": 4, **(orchestrator or {})},

@@ -10,7 +10,7 @@ import numpy as np
 from mlx_ltc.data import Split
 from mlx_ltc.data.dataset import KINDS
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.loss import head_of, token_nll
+from mlx_ltc.numerics.loss import head_of, token_nll
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.loss import token_nll
+from mlx_ltc.numerics.loss import token_nll
 
 PREFILL_CHUNK = 512
 

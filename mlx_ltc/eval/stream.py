@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from mlx_ltc.train.loss import head_of, token_nll
+from mlx_ltc.numerics.loss import head_of, token_nll
 
 HEAD_CHUNK = 128  # positions per LM-head call: never (chunk x vocab) logits at once
 

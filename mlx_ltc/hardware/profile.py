@@ -146,7 +146,8 @@ def probe(model, memory_cfg, seq_len: int, budget: int | None, batch_size: int =
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_ltc.train import accumulate_gradients, engine
+    from mlx_ltc.train import engine
+    from mlx_ltc.train.update import accumulate_gradients
 
     def check():
         if budget is not None and mx.get_peak_memory() > budget:
@@ -264,7 +265,9 @@ def run_profile(
     log=print,
 ) -> dict:
     """Measure the machine and search the longest L; cached per model and backend."""
-    from mlx_ltc import models, train
+    from mlx_ltc import models
+    from mlx_ltc.train.lora import apply_lora
+    from mlx_ltc.train.update import enable_grad_checkpoint
 
     info = machine()
     budget = budget or default_budget(info)
@@ -286,9 +289,9 @@ def run_profile(
 
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = models.load(model_dir, cfg.model.dequantize)
-    train.apply_lora(loaded.model, cfg.lora, seed=0)
+    apply_lora(loaded.model, cfg.lora, seed=0)
     if cfg.train.grad_checkpoint and not cfg.memory.staged:
-        train.enable_grad_checkpoint(loaded.model)
+        enable_grad_checkpoint(loaded.model)
     mx.eval(loaded.model.parameters())
     mx.clear_cache()
     weights = mx.get_active_memory()

@@ -9,12 +9,14 @@ for models and lengths that fit as they are. Adapters are written in mlx-lm's fo
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
+from mlx_ltc.train.result import TrainResult
 from mlx_ltc.reference import lora, ops, optim
 from mlx_ltc.reference import model as reference_model
 
@@ -81,7 +83,7 @@ class TorchBackend:
 
     def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
         """The plain loop: one phase at the dataset's length, no orchestrator or checkpoints."""
-        from mlx_ltc.train import StepLog, endless_indices
+        from mlx_ltc.train.batches import endless_indices
 
         t = cfg.train
         if resume:
@@ -131,3 +133,57 @@ def _peak_rss_gb() -> float:
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+class StepLog:
+    """What every backend records per optimizer step: a `metrics.jsonl` line, the progress bar (log lines
+    without a terminal), and the divergence check; `result` is the run's TrainResult."""
+
+    def __init__(self, path: Path, steps: int, progress: bool, peak_memory_gb):
+        from mlx_ltc import progress as progress_bars
+
+        self.path, self.steps, self.peak = Path(path), steps, peak_memory_gb
+        self.bar = progress_bars.bar(total=steps, desc="train", unit="step", enabled=progress)
+        self.tokens, self.loss, self.start = 0, float("nan"), time.perf_counter()
+
+    def __enter__(self):
+        self.file = open(self.path, "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.bar.close()
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int) -> None:
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged at step {step}: loss is {loss}; lower train.lr")
+        self.tokens += tokens
+        self.loss = loss
+        elapsed = time.perf_counter() - self.start
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / elapsed,
+            "peak_memory_gb": self.peak(),
+            "elapsed_s": elapsed,
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                             mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)  # fmt: skip
+        self.bar.update(1)
+
+    def result(self, trainable_params: int) -> TrainResult:
+        wall = time.perf_counter() - self.start
+        return TrainResult(
+            steps=self.steps,
+            tokens=self.tokens,
+            wall_s=wall,
+            tokens_per_s=self.tokens / wall,
+            peak_memory_gb=self.peak(),
+            final_loss=self.loss,
+            trainable_params=trainable_params,
+        )

@@ -1,4 +1,4 @@
-"""Oracle for `mlx_ltc.bk`: the BK core and model as plain sequential loops in torch float64.
+"""Oracle for `mlx_ltc.research.bk`: the BK core and model as plain sequential loops in torch float64.
 
 Written from the definitions, position by position (no scans, no custom backward): torch autograd
 differentiates the loops. `model_logits` takes the MLX model's parameters by their flattened names.
@@ -36,7 +36,7 @@ def rms_norm(x, weight, eps):
 
 
 def bk_mixer(p, prefix, config, x):
-    """One BK mixer, from the definitions in `mlx_ltc.bk.model`'s docstring; x (B, N, d)."""
+    """One BK mixer, from the definitions in `mlx_ltc.research.bk.model`'s docstring; x (B, N, d)."""
     s = config.potential_scale
     a = config.h0 + s * torch.tanh(x @ p[prefix + "potential.weight"].T / s)
     if prefix + "coupling.weight" in p:

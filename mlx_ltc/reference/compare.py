@@ -122,7 +122,10 @@ def run(
     import torch
     from mlx.utils import tree_flatten
 
-    from mlx_ltc import models, train
+    from mlx_ltc import models
+    from mlx_ltc.train import engine
+    from mlx_ltc.train.lora import apply_lora
+    from mlx_ltc.train.update import Updater
     from mlx_ltc.train import phases
     from mlx_ltc.config import LoraConfig, MemoryConfig, TrainConfig
     from mlx_ltc.reference import lora as rlora
@@ -140,11 +143,11 @@ def run(
     lora_cfg = LoraConfig(rank=8)
     cfg = TrainConfig(max_steps=steps, lr=1e-3, warmup_steps=min(2, steps), batch_size=batch_size)
     memory = memory or MemoryConfig()
-    if not train.engine.supports(ours.model):
+    if not engine.supports(ours.model):
         memory = MemoryConfig(attention="stock", staged=False)
     batches = code_batches(ours.tokenizer, source or Path(__file__).parents[1], steps, batch_size, seq_len)
 
-    adapter = train.apply_lora(ours.model, lora_cfg, seed=0)
+    adapter = apply_lora(ours.model, lora_cfg, seed=0)
     names = rlora.apply(ref, lora_cfg.targets, lora_cfg.rank, lora_cfg.scale)
     mlx_lora = dict(tree_flatten(ours.model.trainable_parameters()))
     ref_lora = rlora.adapter_state(ref)
@@ -158,7 +161,7 @@ def run(
 
     initial = np.concatenate([np.array(mlx_lora[n]).ravel() for n in sorted(ref_lora)])
     result = Comparison(model_name, steps, seq_len, batch_size, reference_dtype)
-    update = train.Updater(ours.model, cfg, memory)
+    update = Updater(ours.model, cfg, memory)
     schedule = phases.lr_schedule(cfg, steps)
     opt = optim.adamw(list(ref_lora.values()), cfg.weight_decay)
     tokens0 = batches[0][0]

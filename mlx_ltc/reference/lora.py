@@ -39,9 +39,9 @@ def targets(layer: nn.Module, prefixes) -> list:
 
 def apply(model, prefixes, rank: int, scale: float, layers: int = -1, dropout: float = 0.0, seed: int = 0) -> list:
     """Freeze `model` and wrap the targeted Linear layers of its last `layers` blocks (-1: all), A
-    drawn by `backend.lora_a_init` (the MLX backend's draw too). Returns the adapted module names
+    drawn by `numerics.lora_init.lora_a_init` (the MLX backend's draw too). Returns the adapted module names
     (mlx-lm's paths)."""
-    from mlx_ltc.backend import lora_a_init
+    from mlx_ltc.numerics.lora_init import lora_a_init
 
     for p in model.parameters():
         p.requires_grad_(False)

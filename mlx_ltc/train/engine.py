@@ -21,8 +21,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_ltc.config import MemoryConfig
 from mlx_ltc.errors import UserError
-from mlx_ltc.train.attention import efficient_attention
-from mlx_ltc.train.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked, token_nll
+from mlx_ltc.numerics.attention import efficient_attention
+from mlx_ltc.numerics.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked, token_nll
 
 __all__ = ["SUPPORTED", "StagedStep", "loss_and_grad", "stages", "use_efficient_attention"]
 

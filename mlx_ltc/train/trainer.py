@@ -26,7 +26,10 @@ from mlx_ltc import atomic, hardware
 from mlx_ltc.config import Config
 from mlx_ltc.data import Split
 from mlx_ltc.errors import Interrupted, UserError
-from mlx_ltc.train import TrainResult, Updater, endless_indices, enable_grad_checkpoint, phases, summary
+from mlx_ltc.train import phases, summary
+from mlx_ltc.train.result import TrainResult
+from mlx_ltc.train.update import Updater, enable_grad_checkpoint
+from mlx_ltc.train.batches import endless_indices
 from mlx_ltc.train.checkpoint import Checkpoints
 from mlx_ltc.train.orchestrator import Event, Orchestrator, Stability, context_gain
 

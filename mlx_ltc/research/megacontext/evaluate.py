@@ -14,9 +14,9 @@ Conditions, for a history (the file minus its last `horizon` tokens) and a budge
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext.tree import GistTree
-from mlx_ltc.train.loss import token_nll
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext.tree import GistTree
+from mlx_ltc.numerics.loss import token_nll
 
 __all__ = ["CONDITIONS", "bootstrap_mean", "build_tree", "gap_closed", "plain_nll", "score_file"]
 

@@ -8,8 +8,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_ltc.megacontext.gistnet import GistNet
-from mlx_ltc.megacontext.objective import substitution_loss, teacher_logprobs
+from mlx_ltc.research.megacontext.gistnet import GistNet
+from mlx_ltc.research.megacontext.objective import substitution_loss, teacher_logprobs
 
 __all__ = ["sample_windows", "train_gistnet"]
 

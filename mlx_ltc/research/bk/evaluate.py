@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_ltc import config
-from mlx_ltc.bk import data
-from mlx_ltc.bk.loss import nll_per_token
-from mlx_ltc.bk.train import load_checkpoint
+from mlx_ltc.research.bk import data
+from mlx_ltc.research.bk.loss import nll_per_token
+from mlx_ltc.research.bk.train import load_checkpoint
 from mlx_ltc.data import tokenizer_hash
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval.stream import marks_for

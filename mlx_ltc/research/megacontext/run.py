@@ -26,14 +26,14 @@ from mlx.utils import tree_flatten
 
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext import evaluate as ev
-from mlx_ltc.megacontext import lens as lensnet
-from mlx_ltc.megacontext.focus import Focus, extend
-from mlx_ltc.megacontext.gistnet import GistConfig, GistNet, compressor
-from mlx_ltc.megacontext.train import train_gistnet
-from mlx_ltc.megacontext.tree import last_input, mean_gist
-from mlx_ltc.train.loss import token_nll
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext import evaluate as ev
+from mlx_ltc.research.megacontext import lens as lensnet
+from mlx_ltc.research.megacontext.focus import Focus, extend
+from mlx_ltc.research.megacontext.gistnet import GistConfig, GistNet, compressor
+from mlx_ltc.research.megacontext.train import train_gistnet
+from mlx_ltc.research.megacontext.tree import last_input, mean_gist
+from mlx_ltc.numerics.loss import token_nll
 
 __all__ = ["McOptions", "evaluate_run", "stream_focus", "train_run"]
 
@@ -91,7 +91,7 @@ def _load_base(name: str):
 
 def _with_lora(model, opts: McOptions) -> None:
     from mlx_ltc.config import LoraConfig
-    from mlx_ltc.train import apply_lora
+    from mlx_ltc.train.lora import apply_lora
 
     apply_lora(model, LoraConfig(rank=opts.lora_rank, targets=["self_attn"], layers=opts.lora_layers), opts.seed)
 

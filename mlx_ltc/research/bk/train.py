@@ -32,11 +32,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_ltc import atomic
-from mlx_ltc.bk import chunked, data
-from mlx_ltc.bk.model import BKConfig, BKModel
+from mlx_ltc.research.bk import chunked, data
+from mlx_ltc.research.bk.model import BKConfig, BKModel
 from mlx_ltc.config import StabilityConfig, TrainConfig
 from mlx_ltc.errors import Interrupted, UserError
-from mlx_ltc.train import enable_grad_checkpoint
+from mlx_ltc.train.update import enable_grad_checkpoint
 from mlx_ltc.train.orchestrator import Stability
 from mlx_ltc.train.phases import Phase, lr_at
 

@@ -9,7 +9,7 @@ forward and backward (a custom VJP recomputes each chunk's logits), one chunk al
 
 import mlx.core as mx
 
-from mlx_ltc.train.reductions import logsumexp
+from mlx_ltc.numerics.reductions import logsumexp
 
 __all__ = ["chunked_nll", "head_of", "next_token_targets", "nll_sum", "nll_sum_chunked", "token_nll"]
 

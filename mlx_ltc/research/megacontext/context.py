@@ -11,9 +11,9 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc.megacontext.positions import forward_at
-from mlx_ltc.megacontext.tree import GistTree
-from mlx_ltc.train.loss import token_nll
+from mlx_ltc.research.megacontext.positions import forward_at
+from mlx_ltc.research.megacontext.tree import GistTree
+from mlx_ltc.numerics.loss import token_nll
 
 __all__ = ["Entry", "cost", "feed", "recency", "target_logits", "target_nll"]
 

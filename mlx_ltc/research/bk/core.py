@@ -21,8 +21,8 @@ from functools import reduce
 
 import mlx.core as mx
 
-from mlx_ltc.bk import kernel
-from mlx_ltc.bk.scan import associative_scan, cmul, complex_linear_scan
+from mlx_ltc.research.bk import kernel
+from mlx_ltc.research.bk.scan import associative_scan, cmul, complex_linear_scan
 
 __all__ = ["green_function"]
 

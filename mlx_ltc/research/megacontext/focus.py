@@ -14,7 +14,7 @@ collapsed to pay for it, but only if the swap gains (u_expand - u_collapse > mar
 
 from dataclasses import dataclass, field
 
-from mlx_ltc.megacontext.context import Entry, cost
+from mlx_ltc.research.megacontext.context import Entry, cost
 
 __all__ = ["Focus", "extend"]
 

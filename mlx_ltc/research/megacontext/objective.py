@@ -10,9 +10,9 @@ gist slots or inside the raw blocks.
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc.megacontext.gistnet import GistNet
-from mlx_ltc.megacontext.positions import forward_at
-from mlx_ltc.train.reductions import logsumexp
+from mlx_ltc.research.megacontext.gistnet import GistNet
+from mlx_ltc.research.megacontext.positions import forward_at
+from mlx_ltc.numerics.reductions import logsumexp
 
 __all__ = ["substitution_loss", "teacher_logprobs"]
 

@@ -1,13 +1,13 @@
 """Next-token NLL through the BK model's tied head without (N x V) logits.
 
-`mlx_ltc.train.loss.chunked_nll` treats the head as frozen (LoRA); here the head is the trainable
+`mlx_ltc.numerics.loss.chunked_nll` treats the head as frozen (LoRA); here the head is the trainable
 embedding, so the custom backward also accumulates its gradient, chunk by chunk.
 """
 
 import mlx.core as mx
 
-from mlx_ltc.train.loss import token_nll
-from mlx_ltc.train.reductions import logsumexp
+from mlx_ltc.numerics.loss import token_nll
+from mlx_ltc.numerics.reductions import logsumexp
 
 __all__ = ["HEAD_ROWS", "nll_per_token", "tied_nll_sum"]
 

@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_ltc.bk.loss import tied_nll_sum
-from mlx_ltc.bk.model import LayerState
+from mlx_ltc.research.bk.loss import tied_nll_sum
+from mlx_ltc.research.bk.model import LayerState
 
 __all__ = ["mean_nll", "nll_sum", "value_and_grad"]
 

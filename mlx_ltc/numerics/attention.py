@@ -13,7 +13,7 @@ reaches, so time and memory are O(L * W).
 
 import mlx.core as mx
 
-from mlx_ltc.train.reductions import logsumexp
+from mlx_ltc.numerics.reductions import logsumexp
 
 __all__ = ["attention_backward", "attention_forward", "efficient_attention", "naive_attention", "query_block"]
 

@@ -19,8 +19,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_ltc.megacontext import context as wc
-from mlx_ltc.megacontext.context import Entry
+from mlx_ltc.research.megacontext import context as wc
+from mlx_ltc.research.megacontext.context import Entry
 
 __all__ = ["LABEL_SCALE", "LensNet", "counterfactual_labels", "features", "lens_loss", "train_lensnet"]
 

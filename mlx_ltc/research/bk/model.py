@@ -25,8 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from mlx_ltc.bk.core import green_function
-from mlx_ltc.bk.scan import linear_scan
+from mlx_ltc.research.bk.core import green_function
+from mlx_ltc.research.bk.scan import linear_scan
 
 __all__ = ["BKConfig", "BKModel", "LayerState", "scattering_experts"]
 
