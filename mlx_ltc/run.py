@@ -9,14 +9,14 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from mlx_ltc import __version__, atomic, backend, data, hardware, models, plan
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
+from mlx_ltc.runtime.rundir import COMPLETE, RunDir
 
-COMPLETE = "COMPLETE"
 BASE_EVAL = "base_eval.json"
 
 
@@ -24,21 +24,8 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_out_dir(out: Path, overwrite: bool) -> bool:
-    """Refuse to touch a finished run or a foreign directory; True when an old run must be replaced."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return False
-    if (out / COMPLETE).exists() and not overwrite:
-        raise UserError(f"{out} already holds a finished run; choose another --out or pass --overwrite")
-    if not (out / "config.json").exists() and not (out / COMPLETE).exists():
-        raise UserError(f"--out {out} is a non-empty directory that is not an mlx-ltc run; refusing to write into it")
-    if not overwrite:
-        raise UserError(f"{out} holds an unfinished run; pass --overwrite to replace it")
-    return True
+def run_dir(out: Path) -> RunDir:
+    return RunDir(Path(out), "an mlx-ltc run", "config.json")
 
 
 def cached_profile(model_name: str, memory, cache_dir: Path):
@@ -99,7 +86,7 @@ def run_train(
     """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given)."""
     started = time.perf_counter()
     out = Path(out)
-    replace = check_out_dir(out, overwrite)
+    verdict = run_dir(out).check(overwrite)
     scan = data.scan(repo, cfg.data.max_file_bytes)  # cheap input errors before any model work
     if cfg.orchestrator.report_to == "wandb":
         from mlx_ltc.train.trainer import require_wandb
@@ -137,9 +124,7 @@ def run_train(
         "dtype": loaded.dtype,
         "fixes": loaded.fixes,
     }
-    if replace:  # only now that the inputs are known to be good
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir(out).create(verdict)  # only now that the inputs are known to be good
     staging.rename(out / "data")
     run_plan.save(out)
     atomic.write_json(
@@ -237,7 +222,7 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_d
     }
     atomic.write_json(out / "report.json", report)
     atomic.write_text(out / "summary.txt", summary(report))
-    atomic.write_text(out / COMPLETE, datetime.now(timezone.utc).isoformat() + "\n")
+    run_dir(out).complete()
     return report
 
 

@@ -33,7 +33,6 @@ its numbers measure that implementation, not a parallel (or fused) scan.
 """
 
 import argparse
-import io
 import json
 import math
 import time
@@ -169,7 +168,7 @@ def compare(args, bk_cfg: BKConfig) -> dict:
         run = LengthRun(net, corpus, opts, Path("."), progress=not args.quiet)
         net.train()
         for phase in length_phases(opts):
-            rows.append({"model": kind, **run.length(phase, io.StringIO())})
+            rows.append({"model": kind, **run.length(phase)})
             print(row_line(rows[-1], rows), flush=True)
         del net, run
         mx.clear_cache()

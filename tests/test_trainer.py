@@ -16,7 +16,7 @@ from mlx_ltc.train.lora import apply_lora
 from mlx_ltc.config import Config, LoraConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.train import phases
-from mlx_ltc.train.checkpoint import Checkpoints
+from mlx_ltc.runtime.checkpoints import Checkpoints
 from mlx_ltc.train.trainer import Trainer
 
 STEPS = 16

@@ -13,7 +13,6 @@ incident ever, append-only, each with its inputs.
 import itertools
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,15 +21,17 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_ltc import atomic, hardware
+from mlx_ltc import hardware
 from mlx_ltc.config import Config
 from mlx_ltc.data import Split
 from mlx_ltc.errors import Interrupted, UserError
+from mlx_ltc.runtime.checkpoints import Checkpoints
+from mlx_ltc.runtime.interrupt import StopRequest
+from mlx_ltc.runtime.metrics import MetricsLog
 from mlx_ltc.train import phases, summary
 from mlx_ltc.train.result import TrainResult
 from mlx_ltc.train.update import Updater, enable_grad_checkpoint
 from mlx_ltc.train.batches import endless_indices
-from mlx_ltc.train.checkpoint import Checkpoints
 from mlx_ltc.train.orchestrator import Event, Orchestrator, Stability, context_gain
 
 
@@ -70,9 +71,9 @@ class Trainer:
         self.orchestrator = Orchestrator(cfg.orchestrator)
         self.stability = Stability(cfg.stability)
         self.state = TrainerState(weight_decay=cfg.train.weight_decay)
-        self.metrics_path, self.events_path = self.run_dir / "metrics.jsonl", self.run_dir / "events.jsonl"
+        self.metrics, self.events_path = MetricsLog(self.run_dir / "metrics.jsonl"), self.run_dir / "events.jsonl"
         self.pending = []  # events to show on the next metrics line
-        self.stop_requested = False
+        self.stop = StopRequest(log)
         self.wandb = None
         self._data = {}
 
@@ -134,25 +135,16 @@ class Trainer:
         self._cut_metrics(step)
 
     def _cut_metrics(self, step: int) -> None:
-        rows = self.rows()
-        atomic.write_jsonl(self.metrics_path, [r for r in rows if r["step"] <= step])
+        self.metrics.keep(lambda r: r["step"] <= step)
 
     def rows(self) -> list:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # the line a kill cut short
-                break
-        return rows
+        return self.metrics.rows()
 
     # --- start / resume --------------------------------------------------------------------------
     def start(self, total_steps: int) -> None:
         self.state.plan = [p.to_dict() for p in phases.plan(self.cfg, total_steps)]
         self.model.train()
-        atomic.write_text(self.metrics_path, "")
+        self.metrics.start()
         self._describe_plan()
         self.save("start")
 
@@ -204,24 +196,10 @@ class Trainer:
         hardware.reset_peak_memory()
         bar = progress_bars.bar(total=total, initial=self.state.step, desc="train", unit="step", enabled=self.progress)
         self.bar = bar
-        previous = self._catch_sigint()
         try:
-            while not self.state.done:
-                stream, more = self._batches(self.phase), True
-                while more:
-                    more = self._attempt(stream)
-                    s = self.state
-                    bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}", refresh=False)
-                    bar.update(s.step - bar.n)  # negative after a rollback
-                    if self.stop_requested and not self.state.done:
-                        self.save("interrupted (Ctrl-C)")
-                        raise Interrupted(
-                            f"interrupted: saved a checkpoint at step {self.state.step}; continue with "
-                            f"mlx-ltc train --resume {self.run_dir}"
-                        )
+            with self.stop:
+                self._loop(bar)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
             bar.close()
             self.bar = None
             if self.wandb is not None:
@@ -230,6 +208,21 @@ class Trainer:
         s = self.state
         return TrainResult(s.step, s.tokens, s.train_s, s.tokens / max(s.train_s, 1e-9),
                            hardware.peak_memory_gb(), s.last_loss, n, self.report())  # fmt: skip
+
+    def _loop(self, bar) -> None:
+        while not self.state.done:
+            stream, more = self._batches(self.phase), True
+            while more:
+                more = self._attempt(stream)
+                s = self.state
+                bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}", refresh=False)
+                bar.update(s.step - bar.n)  # negative after a rollback
+                if self.stop.requested and not self.state.done:
+                    self.save("interrupted (Ctrl-C)")
+                    raise Interrupted(
+                        f"interrupted: saved a checkpoint at step {self.state.step}; continue with "
+                        f"mlx-ltc train --resume {self.run_dir}"
+                    )
 
     def report(self) -> dict:
         """Summary tables and plots/training.png from the run's metrics and events."""
@@ -245,18 +238,6 @@ class Trainer:
         tables = summary.tables(by_phase, by_length, counts)
         return {"plan": self.state.plan, "stopped": self.state.done, "phases": by_phase, "lengths": by_length,
                 "stability": counts, "events": kinds, "tables": tables}  # fmt: skip
-
-    def _catch_sigint(self):
-        try:
-            return signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: Ctrl-C stays Python's
-            return None
-
-    def _on_sigint(self, signum, frame):
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        self.log("Ctrl-C: saving a checkpoint after this update (press again to abort without saving)")
 
     def _attempt(self, stream) -> bool:
         """One update attempt. False when the stream must be rebuilt (new phase, rollback) or the run ended."""
@@ -298,8 +279,7 @@ class Trainer:
                     "elapsed_s": s.train_s, "spikes": stb.spikes, "skipped": stb.skipped, "rollbacks": stb.rollbacks,
                     "events": self.pending})  # fmt: skip
         self.pending = []
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.metrics.append(row)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "events"}, step=s.step)
         return self._decide(decisions, phase)

@@ -8,21 +8,18 @@ go through forward and backward a chunk at a time with the carried state (`bk.ch
 not grow with length. Each length ends with a val loss on non-overlapping windows of that length and a
 checkpoint.
 
-The run directory: run.json (settings), data/ (the token streams), checkpoints/len-NNNNNNN/ (weights,
-optimizer, state.json with the length's results row), metrics.jsonl (one line per update attempt),
-results.json and summary.txt. Ctrl-C saves checkpoints/partial/ after the current update (the length's
-position, its window sampler and running stats too). Started again with the same settings (and the same
-or more --seq-lens), a run continues from its partial or last checkpoint, with the updates it would have
-made.
+The run directory (`runtime`'s guards, COMPLETE last): run.json (settings), data/ (the token streams),
+checkpoints/len-NNNNNNN/ (weights, optimizer, state.json with the length's results row, manifest.json),
+metrics.jsonl (one line per update attempt), results.json and summary.txt. Ctrl-C saves
+checkpoints/partial/ after the current update (the length's position, its window sampler and running
+stats too). Started again with the same settings (and the same or more --seq-lens), a run continues
+from its partial or last checkpoint, with the updates it would have made.
 """
 
 import json
 import math
-import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +33,10 @@ from mlx_ltc.research.bk import chunked, data
 from mlx_ltc.research.bk.model import BKConfig, BKModel
 from mlx_ltc.config import StabilityConfig, TrainConfig
 from mlx_ltc.errors import Interrupted, UserError
+from mlx_ltc.runtime.checkpoints import Checkpoints
+from mlx_ltc.runtime.interrupt import StopRequest
+from mlx_ltc.runtime.metrics import MetricsLog
+from mlx_ltc.runtime.rundir import CONTINUE, RunDir
 from mlx_ltc.train.update import enable_grad_checkpoint
 from mlx_ltc.train.orchestrator import Stability
 from mlx_ltc.train.phases import Phase, lr_at
@@ -118,71 +119,69 @@ def check_corpus(corpus: data.Corpus, lens: list) -> None:
 # --- the run directory ---------------------------------------------------------------------------
 
 
+PARTIAL = "partial"
+
+
+def _checkpoint_name(seq_len: int) -> str:
+    return f"len-{seq_len:07d}"
+
+
 def _checkpoint_dir(out: Path, seq_len: int) -> Path:
-    return Path(out) / "checkpoints" / f"len-{seq_len:07d}"
+    return Checkpoints(out).path(_checkpoint_name(seq_len))
 
 
 def _partial_dir(out: Path) -> Path:
-    return Path(out) / "checkpoints" / "partial"
+    return Checkpoints(out).path(PARTIAL)
 
 
 def _partial(out: Path, seq_len: int) -> dict | None:
     """state.json of a Ctrl-C checkpoint inside the length to train next (None: none, damaged or stale)."""
-    try:
-        state = json.loads((_partial_dir(out) / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return state if state.get("seq_len") == seq_len else None
+    state = Checkpoints(out, log=_log).state(PARTIAL)
+    return state if state and state.get("seq_len") == seq_len else None
 
 
 def _finished(out: Path) -> list:
-    """state.json of each complete per-length checkpoint, shortest first."""
-    root = Path(out) / "checkpoints"
-    states = []
-    for path in sorted(root.glob("len-*")) if root.is_dir() else []:
-        try:
-            states.append(json.loads((path / "state.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):
+    """state.json of each whole per-length checkpoint, shortest first."""
+    checkpoints, states = Checkpoints(out, log=_log), []
+    for name in checkpoints.names("len-"):
+        state = checkpoints.state(name)
+        if state is None:
             break  # damaged: it and the lengths after it train again
+        states.append(state)
     return states
 
 
+def run_dir(out: Path) -> RunDir:
+    return RunDir(Path(out), "a bk run", "run.json")
+
+
 def check_out(out: Path, settings: dict, overwrite: bool) -> tuple:
-    """(finished lengths' states to resume after, whether an old run is to be replaced); writes nothing."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return [], False
-    if not (out / "run.json").is_file():
-        raise UserError(f"--out {out} is a non-empty directory that is not a bk run; refusing to write into it")
-    if overwrite:
-        return [], True
-    try:
-        old = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError(f"{out}/run.json is unreadable; pass --overwrite to start the run again") from None
-    differ = [f"{section}.{k}" for section in settings for k in settings[section]
-              if k != "seq_lens" and old.get(section, {}).get(k) != settings[section][k]]  # fmt: skip
+    """(finished lengths' states to resume after, the run directory's verdict); writes nothing."""
+
+    def changed(out: Path) -> list:
+        try:
+            old = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise UserError(f"{out}/run.json is unreadable; pass --overwrite to start the run again") from None
+        differ = [f"{section}.{k}" for section in settings for k in settings[section]
+                  if k != "seq_lens" and old.get(section, {}).get(k) != settings[section][k]]  # fmt: skip
+        old_lens = [s["seq_len"] for s in _finished(out)]
+        if settings["train"]["seq_lens"][: len(old_lens)] != old_lens:
+            differ.append("train.seq_lens (the finished lengths must start the list)")
+        return differ
+
+    verdict = run_dir(out).check(overwrite, changed)
+    if verdict != CONTINUE:
+        return [], verdict
     done = _finished(out)
-    lens, old_lens = settings["train"]["seq_lens"], [s["seq_len"] for s in done]
-    if lens[: len(old_lens)] != old_lens:
-        differ.append("train.seq_lens (the finished lengths must start the list)")
-    if differ:
-        raise UserError(f"{out} holds a bk run with other settings ({', '.join(differ)}); "
-                        "choose another --out or pass --overwrite")  # fmt: skip
-    if len(done) == len(lens):
+    if len(done) == len(settings["train"]["seq_lens"]):
         raise UserError(f"{out} already holds a finished run; choose another --out or pass --overwrite")
-    return done, False
+    return done, verdict
 
 
-def save_checkpoint(out: Path, model, optimizer, state: dict, target: Path | None = None) -> Path:
-    target = target or _checkpoint_dir(out, state["seq_len"])
-    with atomic.replace_dir(target) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    return target
+def save_checkpoint(out: Path, model, optimizer, state: dict, name: str | None = None) -> Path:
+    arrays = {"model": dict(tree_flatten(model.parameters())), "optimizer": dict(tree_flatten(optimizer.state))}
+    return Checkpoints(out, log=_log).write(name or _checkpoint_name(state["seq_len"]), arrays, state)
 
 
 def load_checkpoint(out: Path, seq_len: int | None = None):
@@ -239,7 +238,7 @@ class LengthRun:
         self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
         self.step = self.attempts = 0
         self.rows = []
-        self.stop_requested = False  # set by bk train's Ctrl-C handler: save after this update
+        self.stop = StopRequest(_log, "saving after this update")  # bk train's Ctrl-C
 
     def resume(self, state: dict, path: Path | None = None) -> None:
         path = path or _checkpoint_dir(self.out, state["seq_len"])
@@ -272,10 +271,11 @@ class LengthRun:
         state = {"seq_len": phase.seq_len, "index": phase.index, "length_step": done, "step": self.step,
                  "attempts": self.attempts, "stability": self.stability.to_dict(), "rng": rng.bit_generator.state,
                  "losses": losses, "tokens": tokens, "train_s": train_s}  # fmt: skip
-        save_checkpoint(self.out, self.model, self.optimizer, state, _partial_dir(self.out))
+        save_checkpoint(self.out, self.model, self.optimizer, state, PARTIAL)
 
-    def length(self, phase: Phase, metrics, partial: dict | None = None) -> dict:
-        """Train one length (from a Ctrl-C checkpoint's position when given) and score its val loss."""
+    def length(self, phase: Phase, metrics: MetricsLog | None = None, partial: dict | None = None) -> dict:
+        """Train one length (from a Ctrl-C checkpoint's position when given) and score its val loss; one line
+        per update attempt to `metrics` when given."""
         from mlx_ltc import progress as progress_bars
 
         n, batch = phase.seq_len, phase.micro_batch
@@ -303,12 +303,12 @@ class LengthRun:
                         "applied": applied, "events": events, "tokens": tokens,
                         "tokens_per_s": tokens / max(train_s, 1e-9),
                         "peak_bytes": int(mx.get_peak_memory())}  # fmt: skip
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.append(line)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{line['tokens_per_s']:.0f}",
                                 mem=f"{line['peak_bytes'] / 2**30:.2f}GB", refresh=False)  # fmt: skip
                 bar.update(1)
-                if self.stop_requested and i + 1 < phase.steps:
+                if self.stop.requested and i + 1 < phase.steps:
                     self._save_partial(phase, i + 1, rng, losses, tokens, train_s)
                     raise Interrupted(f"interrupted: saved length {n:,} after update {i + 1} of {phase.steps} in "
                                       f"{_partial_dir(self.out)}; run the same command again to continue")  # fmt: skip
@@ -340,39 +340,14 @@ class LengthRun:
         }
 
 
-def _keep_metrics(path: Path, lengths: set, partial: dict | None = None) -> None:
+def _keep_metrics(metrics: MetricsLog, lengths: set, partial: dict | None = None) -> None:
     """Cut metrics.jsonl back to the finished lengths' lines and those of a partial length's saved updates."""
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:  # the line a kill cut short
-            break
-        saved = partial and row["seq_len"] == partial["seq_len"] and row["length_step"] <= partial["length_step"]
-        if row["seq_len"] in lengths or saved:
-            kept.append(row)
-    atomic.write_jsonl(path, kept)
 
+    def saved(row):
+        inside = partial and row["seq_len"] == partial["seq_len"] and row["length_step"] <= partial["length_step"]
+        return row["seq_len"] in lengths or bool(inside)
 
-@contextmanager
-def _ctrl_c_saves(run: LengthRun, log):
-    """The first Ctrl-C asks the run to save after its current update; a second one aborts."""
-
-    def on_sigint(signum, frame):
-        if run.stop_requested:
-            raise KeyboardInterrupt
-        run.stop_requested = True
-        log("Ctrl-C: saving after this update (press again to abort without saving)")
-
-    try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread: Ctrl-C stays Python's
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    metrics.keep(saved)
 
 
 def _fmt(x, spec):
@@ -409,8 +384,8 @@ def train(
     out = Path(out)
     check_options(opts)
     settings = _settings(model, opts, corpus_opts)
-    done, replace = check_out(out, settings, overwrite)
-    partial = None if replace else _partial(out, opts.seq_lens[len(done)])
+    done, verdict = check_out(out, settings, overwrite)
+    partial = _partial(out, opts.seq_lens[len(done)]) if verdict == CONTINUE else None
     if done or partial:
         corpus = data.load(out / "data")
         finished = ", ".join(str(s["seq_len"]) for s in done) or "none"
@@ -421,13 +396,13 @@ def train(
                                corpus_opts.max_tokens, log)  # fmt: skip
     check_corpus(corpus, opts.seq_lens)
     model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **model)
+    metrics = MetricsLog(out / "metrics.jsonl")
     if not (done or partial):
-        if replace:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        run_dir(out).create(verdict)
         data.save(corpus, out / "data")
         atomic.write_json(out / "run.json", settings)
-        atomic.write_text(out / "metrics.jsonl", "")
+        metrics.start()
+    run_dir(out).reopen()  # more lengths make a finished run unfinished until they are trained
 
     mx.random.seed(opts.seed)
     net = BKModel(model_cfg)
@@ -440,25 +415,26 @@ def train(
     elif done:
         run.resume(done[-1])
     if done or partial:
-        _keep_metrics(out / "metrics.jsonl", {s["seq_len"] for s in done}, partial)
+        _keep_metrics(metrics, {s["seq_len"] for s in done}, partial)
     run.rows = [s["row"] for s in done]
     n_params = sum(p.size for _, p in tree_flatten(net.parameters()))
     log(f"model: BK core, {n_params:,} parameters, d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
         f"vocabulary {model_cfg.vocab_size:,}")  # fmt: skip
 
     net.train()
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics, _ctrl_c_saves(run, log):
+    with run.stop:
         for phase in length_phases(opts)[len(done) :]:
             row = run.length(phase, metrics, partial if partial and partial["seq_len"] == phase.seq_len else None)
             run.rows.append(row)
             state = {"seq_len": phase.seq_len, "index": phase.index, "step": run.step, "attempts": run.attempts,
                      "config": asdict(model_cfg), "row": row, "stability": run.stability.to_dict()}  # fmt: skip
             save_checkpoint(out, net, run.optimizer, state)
-            shutil.rmtree(_partial_dir(out), ignore_errors=True)
+            Checkpoints(out).remove(PARTIAL)
             _write_results(out, settings, run.rows, started)
             log(f"length {phase.seq_len:,}: {row['steps']} updates of {phase.micro_batch} x {phase.seq_len:,} tokens, "
                 f"train loss {_fmt(row['final_train_loss'], '.4f')}, val ppl {_fmt(row['val_ppl'], '.3f')}, "
                 f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_bytes'] / 2**30:.2f} GB")  # fmt: skip
     table = _write_results(out, settings, run.rows, started)
+    run_dir(out).complete()
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return {**results, "table": table}

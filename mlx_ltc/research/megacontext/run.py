@@ -1,10 +1,12 @@
 """`mlx-ltc mc train` and `mc eval`: MegaContext on a repository, with the frozen embedded base.
 
-Training alternates three phases per cycle, each ending in a checkpoint (`checkpoints/cycle{c}-{phase}/`):
+Training alternates three phases per cycle, each ending in a checkpoint (`checkpoints/cycle{c}-{phase}/`, with
+`runtime`'s manifest; each update's record in `metrics.jsonl`):
 GistNet on substitutability; LensNet on fresh counterfactual labels from contexts the current GistNet and
 LensNet produce; a tiny LoRA on the base, on the next tokens' NLL through such contexts. After each cycle,
 telemetry on the val files: loss@H vs budget, swap rate, residency, latency per block. A rerun of the same
-command continues after the last finished phase.
+command continues after the last finished phase; Ctrl-C stops after the current update, and the phase it
+interrupted runs again from its start.
 
 Evaluation uses the dataset builder's test split: held-out files of 3-6K tokens, their last H tokens scored
 under each condition at each budget (see `evaluate`), plus `lens` (the focus loop streamed over the file
@@ -25,7 +27,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_ltc import atomic
-from mlx_ltc.errors import UserError
+from mlx_ltc.errors import Interrupted, UserError
+from mlx_ltc.runtime.checkpoints import Checkpoints
+from mlx_ltc.runtime.interrupt import StopRequest
+from mlx_ltc.runtime.metrics import MetricsLog
+from mlx_ltc.runtime.rundir import CONTINUE, RunDir
 from mlx_ltc.research.megacontext import context as wc
 from mlx_ltc.research.megacontext import evaluate as ev
 from mlx_ltc.research.megacontext import lens as lensnet
@@ -186,7 +192,7 @@ def _phase_lens(lens, gist_net, model, train, opts, seed, log):
         if log:
             log({"context": k + 1, "entries": len(entries), "labels": {f"L{e.level}:{e.index}": round(v, 4)
                  for e, v in labels.items()}})  # fmt: skip
-    records = lensnet.train_lensnet(lens, samples, opts.max_steps, seed=seed)
+    records = lensnet.train_lensnet(lens, samples, opts.max_steps, seed=seed, log=log)
     mse = [float(lensnet.lens_loss(lens, s)[1]["regression"].item()) for s in samples]
     return records + [{"final_regression": float(np.mean(mse))}]
 
@@ -245,16 +251,17 @@ def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
 
 
 def _save(out: Path, name: str, gist_net, lens, model, records, has_lora: bool) -> None:
-    with atomic.replace_dir(out / "checkpoints" / name) as tmp:
-        mx.save_safetensors(str(tmp / "gistnet.safetensors"), dict(tree_flatten(gist_net.parameters())))
-        mx.save_safetensors(str(tmp / "lensnet.safetensors"), dict(tree_flatten(lens.parameters())))
-        if has_lora:
-            mx.save_safetensors(str(tmp / "lora.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        (tmp / "records.json").write_text(json.dumps(records))
+    arrays = {"gistnet": dict(tree_flatten(gist_net.parameters())), "lensnet": dict(tree_flatten(lens.parameters()))}
+    if has_lora:
+        arrays["lora"] = dict(tree_flatten(model.trainable_parameters()))
+    Checkpoints(out).write(name, arrays, {"records": records})
 
 
 def _restore(path: Path, gist_net, lens, model=None) -> None:
     """Load a checkpoint's nets, and its LoRA into `model` (None: leave the base as it is)."""
+    problem = Checkpoints(path.parent.parent).verify(path.name)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}")
     try:
         gist_net.load_weights(str(path / "gistnet.safetensors"))
         lens.load_weights(str(path / "lensnet.safetensors"))
@@ -272,31 +279,38 @@ def _nets(model, opts):
     return gist_net, lens
 
 
+def run_dir(out: Path) -> RunDir:
+    return RunDir(Path(out), "a MegaContext run", "state.json")
+
+
 def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=True, log=print) -> dict:
+    """Train (or continue after the last finished phase) and return state.json's content. The first Ctrl-C
+    stops after the current update; the phase in progress starts again on the next run."""
     out = Path(out)
     settings = {"repo": str(Path(repo).resolve()), **asdict(opts)}
     state_path = out / "state.json"
     state = {"settings": settings, "done": [], "telemetry": []}
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        if not state_path.exists():
-            raise UserError(f"{out} exists and is not a MegaContext run; choose another --out or pass --overwrite")
+
+    def changed(out: Path) -> list:
+        old = _read_json(state_path)["settings"]
+        return sorted(k for k in settings if old.get(k) != settings[k])
+
+    verdict = run_dir(out).check(overwrite, changed)
+    if verdict == CONTINUE:
         state = _read_json(state_path)
-        if state["settings"] != settings:
-            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise UserError(f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite")
     train, val, test = repo_files(Path(repo), opts.model, opts.split, progress, lambda m: log(m))
     if not any(len(f) >= (opts.blocks * 32 + opts.horizon) for f in train):
         raise UserError(f"repo {repo}: no train-split file of at least {opts.blocks * 32 + opts.horizon} tokens")
     if opts.l2_steps and not any(len(f) >= (32 + opts.keep) * 32 + opts.horizon for f in train):
         raise UserError(f"--l2-steps: no train-split file of {(32 + opts.keep) * 32 + opts.horizon} tokens to "
                         "train L2 gists on")  # fmt: skip
-    if overwrite and out.exists():  # only once the new run's input is known to be usable
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    if verdict == CONTINUE:
+        metrics.keep(lambda r: r.get("phase") in state["done"])  # an interrupted phase runs again
+    else:
+        run_dir(out).create(verdict)  # only once the new run's input is known to be usable
+        atomic.write_json(state_path, state)
+        metrics.start()
     atomic.write_json(out / "heldout.json", {"files": test})
     loaded = _load_base(opts.model)
     model = loaded.model
@@ -308,30 +322,42 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
             _with_lora(model, opts)
         _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, model)
         log(f"continuing after {state['done'][-1]}")
-    for cycle in range(1, opts.cycles + 1):
-        for k, phase in enumerate(PHASES):
-            name = f"cycle{cycle}-{phase}"
-            if name in state["done"]:
-                continue
-            seed = opts.seed + 1000 * cycle + k
-            began = time.perf_counter()
-            step_log = (lambda r, n=name: log(f"{n} {json.dumps(r)}")) if progress else None
-            if phase == "gist":
-                records = _phase_gist(gist_net, model, train, opts, seed, step_log)
-            elif phase == "lens":
-                records = _phase_lens(lens, gist_net, model, train, opts, seed, step_log)
-            else:
-                if not has_lora:
-                    _with_lora(model, opts)
-                    has_lora = True
-                records = _phase_lora(model, lens, gist_net, train, opts, seed, step_log)
-            _save(out, name, gist_net, lens, model, records, has_lora)
-            state["done"].append(name)
-            log(f"{name}: {time.perf_counter() - began:.0f}s, last {records[-1]}")
-            if phase == "lora":
-                state["telemetry"].append(_telemetry(model, gist_net, lens, val or train, opts, cycle))
-                log(f"telemetry {json.dumps(state['telemetry'][-1])}")
-            atomic.write_json(state_path, state)
+    stop = StopRequest(log, "stopping after this update; the phase in progress starts again on the next run")
+    with stop:
+        for cycle in range(1, opts.cycles + 1):
+            for k, phase in enumerate(PHASES):
+                name = f"cycle{cycle}-{phase}"
+                if name in state["done"]:
+                    continue
+                seed = opts.seed + 1000 * cycle + k
+                began = time.perf_counter()
+
+                def step_log(record, name=name):
+                    metrics.append({"phase": name, **record})
+                    if progress:
+                        log(f"{name} {json.dumps(record)}")
+                    if stop.requested:
+                        finished = state["done"][-1] if state["done"] else "none yet"
+                        raise Interrupted(f"interrupted in {name}; finished phases are saved (the last: {finished}); "
+                                          "run the same command again to continue")  # fmt: skip
+
+                if phase == "gist":
+                    records = _phase_gist(gist_net, model, train, opts, seed, step_log)
+                elif phase == "lens":
+                    records = _phase_lens(lens, gist_net, model, train, opts, seed, step_log)
+                else:
+                    if not has_lora:
+                        _with_lora(model, opts)
+                        has_lora = True
+                    records = _phase_lora(model, lens, gist_net, train, opts, seed, step_log)
+                _save(out, name, gist_net, lens, model, records, has_lora)
+                state["done"].append(name)
+                log(f"{name}: {time.perf_counter() - began:.0f}s, last {records[-1]}")
+                if phase == "lora":
+                    state["telemetry"].append(_telemetry(model, gist_net, lens, val or train, opts, cycle))
+                    log(f"telemetry {json.dumps(state['telemetry'][-1])}")
+                atomic.write_json(state_path, state)
+    run_dir(out).complete()
     return state
 
 
