@@ -5,7 +5,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
-from mlx_ltc.research.megacontext.positions import PositionedRoPE, forward_at
+from mlx_ltc.research.megacontext.positions import forward_at, positioned_rope
 
 
 def tiny_llama():
@@ -35,7 +35,7 @@ def test_consecutive_positions_give_the_models_own_logits():
 
 
 def test_half_token_positions_rotate_like_the_formula():
-    rope = PositionedRoPE(nn.RoPE(16, base=10000.0))
+    rope = positioned_rope(nn.RoPE(16, base=10000.0))
     x = mx.array(np.random.default_rng(1).normal(size=(1, 2, 5, 16)).astype(np.float32))
     positions = np.array([0.0, 3.5, 15.5, 47.5, 1000.0])
     rope.positions = mx.array(positions)

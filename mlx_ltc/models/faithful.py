@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_ltc.errors import UserError
+from mlx_ltc.models import patch
 
 _ACTIVATIONS = {
     "gelu": nn.gelu,
@@ -29,30 +30,19 @@ def window_mask(offset: int, length: int, window: int) -> mx.array:
     return (keys <= rows) & (keys > rows - window)
 
 
-def _subclass(module, suffix: str, call) -> None:
-    base = type(module)
-    module.__class__ = type(base.__name__ + suffix, (base,), {"__call__": call})
+def _windowed(self, base_call, x, mask=None, cache=None):
+    offset = cache.offset if cache is not None else 0
+    rotating = getattr(cache, "max_size", None)  # a RotatingKVCache masks its own window
+    if rotating is None and offset + x.shape[1] > self.window and (mask is None or isinstance(mask, str)):
+        mask = window_mask(offset, x.shape[1], self.window)
+    return base_call(self, x, mask, cache)
 
 
-def _windowed(attn, window: int) -> None:
-    attn.window = window
-    base = type(attn)
-
-    def call(self, x, mask=None, cache=None, _base=base):
-        offset = cache.offset if cache is not None else 0
-        rotating = getattr(cache, "max_size", None)  # a RotatingKVCache masks its own window
-        if rotating is None and offset + x.shape[1] > self.window and (mask is None or isinstance(mask, str)):
-            mask = window_mask(offset, x.shape[1], self.window)
-        return _base.__call__(self, x, mask, cache)
-
-    _subclass(attn, "Windowed", call)
-
-
-def _activation(mlp, act) -> None:
-    def call(self, x):
+def _activation(act):
+    def call(self, base_call, x):
         return self.c_proj(act(self.c_fc(x)))
 
-    _subclass(mlp, "Act", call)
+    return call
 
 
 def apply(model, config: dict) -> list:
@@ -65,11 +55,11 @@ def apply(model, config: dict) -> list:
         raise UserError(f"starcoder2: unsupported hidden_act {name!r} (supported: {', '.join(_ACTIVATIONS)})")
     if _ACTIVATIONS[name] is not nn.gelu:
         for layer in model.layers:
-            _activation(layer.mlp, _ACTIVATIONS[name])
+            patch.install(layer.mlp, "activation", _activation(_ACTIVATIONS[name]))
         fixes.append(f"mlp activation {name}")
     window = config.get("sliding_window")
     if window:
         for layer in model.layers:
-            _windowed(layer.self_attn, int(window))
+            patch.install(layer.self_attn, "windowed", _windowed, window=int(window))
         fixes.append(f"sliding window {window}")
     return fixes

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_ltc.config import MemoryConfig
 from mlx_ltc.errors import UserError
+from mlx_ltc.models import patch
 from mlx_ltc.numerics.attention import efficient_attention
 from mlx_ltc.numerics.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked, token_nll
 
@@ -57,30 +58,26 @@ def _attend(attn, x, block_bytes, saved=None):
     """Attention output (before the residual) and the (output, lse) to reuse in a recomputation."""
     B, L, _ = x.shape
     q, k, v = _project(attn, x)
-    o, lse = efficient_attention(q, k, v, attn.scale, block_bytes, saved=saved, window=getattr(attn, "window", None))
+    window = patch.attribute(attn, "window")  # models.faithful's sliding window
+    o, lse = efficient_attention(q, k, v, attn.scale, block_bytes, saved=saved, window=window)
     return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1)), (o, lse)
 
 
 def use_efficient_attention(model, block_bytes: int) -> None:
     """Route each layer's full-sequence causal attention through `efficient_attention`.
 
-    The new __call__ lives on a per-instance subclass, so parameter paths (adapter names) are
-    unchanged; calls with a KV cache or an explicit mask array (generation, sliding windows) keep
-    mlx-lm's own path.
+    A per-instance patch (`models.patch`), so parameter paths (adapter names) are unchanged; calls with
+    a KV cache or an explicit mask array (generation, sliding windows) keep mlx-lm's own path.
     """
     check_supported(model)
+
+    def call(self, base_call, x, mask=None, cache=None):
+        if cache is not None or not (mask is None or isinstance(mask, str)):
+            return base_call(self, x, mask, cache)
+        return _attend(self, x, block_bytes)[0]
+
     for layer in model.layers:
-        attn = layer.self_attn
-        base = type(attn)
-        if getattr(base, "_mlx_ltc_efficient", False):
-            continue
-
-        def call(self, x, mask=None, cache=None, _base=base):
-            if cache is not None or not (mask is None or isinstance(mask, str)):
-                return _base.__call__(self, x, mask, cache)
-            return _attend(self, x, block_bytes)[0]
-
-        attn.__class__ = type(base.__name__ + "Efficient", (base,), {"__call__": call, "_mlx_ltc_efficient": True})
+        patch.install(layer.self_attn, "efficient", call)
 
 
 def loss_chunk(cfg: MemoryConfig, batch: int, vocab: int) -> int:

@@ -8,23 +8,23 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from mlx_ltc.config import MemoryConfig, TrainConfig
+from mlx_ltc.models import patch
 from mlx_ltc.train import engine
 
 
 def enable_grad_checkpoint(model):
-    """Recompute each transformer block in the backward pass. The checkpointed __call__ lives on a
-    per-model subclass, so module paths (and thus adapter names) and other models are unchanged."""
+    """Recompute each transformer block in the backward pass (a per-instance patch, `models.patch`: module
+    paths, and so adapter names, and other models are unchanged)."""
+
+    def call(self, base_call, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return base_call(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
     for layer in model.layers:
-        base = type(layer)
-
-        def call(self, *args, _base=base, **kwargs):
-            def inner(params, *args, **kwargs):
-                self.update(params)
-                return _base.__call__(self, *args, **kwargs)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        layer.__class__ = type(base.__name__ + "Checkpointed", (base,), {"__call__": call})
+        patch.install(layer, "checkpointed", call)
 
 
 def accumulate_gradients(loss_and_grad, model, micro_batches):
