@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mlx_ltc.config import Config, TrainConfig
+from mlx_ltc.runtime.schedule import warmup_cosine
 from mlx_ltc.data import Split
 
 
@@ -93,8 +94,4 @@ def view(split: Split, seq_len: int, band: float = 1.0) -> Split:
 def lr_at(t: TrainConfig, phase: Phase, phase_step: int, factor: float = 1.0) -> float:
     """The rate of the phase's update number `phase_step` (0-based): linear warmup, then cosine to
     min_lr_ratio at the phase's last update, times the phase multiplier and the orchestrator's factor."""
-    base = t.lr * phase.lr_mult * factor
-    if phase_step < phase.warmup:
-        return base * (phase_step + 1) / phase.warmup
-    progress = min(1.0, (phase_step - phase.warmup) / max(phase.steps - phase.warmup - 1, 1))
-    return base * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(phase_step, t.lr * phase.lr_mult * factor, phase.warmup, phase.steps, t.min_lr_ratio)

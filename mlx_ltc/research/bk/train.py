@@ -2,7 +2,7 @@
 
 Each length trains `steps_per_length` AdamW updates of max(1, tokens_per_step // length) random windows
 of the train stream (so tokens per update stay about constant), at its own warmup + cosine rate
-(`train.phases.lr_at`), with the pre-clip gradient norm, loss spikes (> 2x the running median) and
+(`runtime.schedule`), with the pre-clip gradient norm, loss spikes (> 2x the running median) and
 non-finite updates (skipped) counted by `train.orchestrator.Stability`. Sequences longer than `train_chunk`
 go through forward and backward a chunk at a time with the carried state (`bk.chunked`), so memory does
 not grow with length. Each length ends with a val loss on non-overlapping windows of that length and a
@@ -31,15 +31,16 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_ltc import atomic
 from mlx_ltc.research.bk import chunked, data
 from mlx_ltc.research.bk.model import BKConfig, BKModel
-from mlx_ltc.config import StabilityConfig, TrainConfig
+from mlx_ltc.config import StabilityConfig
 from mlx_ltc.errors import Interrupted, UserError
 from mlx_ltc.runtime.checkpoints import Checkpoints
 from mlx_ltc.runtime.interrupt import StopRequest
 from mlx_ltc.runtime.metrics import MetricsLog
 from mlx_ltc.runtime.rundir import CONTINUE, RunDir
+from mlx_ltc.runtime.schedule import warmup_cosine
 from mlx_ltc.train.update import enable_grad_checkpoint
 from mlx_ltc.train.orchestrator import Stability
-from mlx_ltc.train.phases import Phase, lr_at
+from mlx_ltc.train.phases import Phase
 
 __all__ = ["TrainOptions", "load_checkpoint", "summary_table", "train"]
 
@@ -235,7 +236,6 @@ class LengthRun:
         self.optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay, bias_correction=True)
         self.loss_and_grad = chunked.value_and_grad(model, opts.train_chunk)
         self.stability = Stability(StabilityConfig(spike_limit=sys.maxsize, inject_nan=list(opts.inject_nan)))
-        self.schedule = TrainConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio)
         self.step = self.attempts = 0
         self.rows = []
         self.stop = StopRequest(_log, "saving after this update")  # bk train's Ctrl-C
@@ -292,7 +292,7 @@ class LengthRun:
         with bar:
             for i in range(first, phase.steps):
                 started = time.perf_counter()
-                lr = lr_at(self.schedule, phase, i)
+                lr = warmup_cosine(i, self.opts.lr * phase.lr_mult, phase.warmup, phase.steps, self.opts.min_lr_ratio)
                 loss, norm, applied, events = self._update(_windows(self.corpus.train, n + 1, batch, rng), lr)
                 train_s += time.perf_counter() - started
                 if applied:
