@@ -66,20 +66,32 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
 )
 @click.option("--max-steps", type=int, default=None, help="Optimizer updates [default: one epoch].")
 @click.option("--seq-len", type=int, default=None, help="Tokens per training sequence [default: derived by analyze].")
-@click.option("--bits", type=int, default=None,
-              help="Quantize to this many bits when the model is not quantized [default: 4, model.bits].")  # fmt: skip
+@click.option(
+    "--bits",
+    type=int,
+    default=None,
+    help="Quantize to this many bits when the model is not quantized [default: 4, model.bits].",
+)
 @click.option("--group-size", type=int, default=None, help="Quantization group size [default: 64, model.group_size].")
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config (see configs/)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--backend", type=click.Choice(["mlx", "torch"]), default=None,
-              help="mlx (default) or torch: the reference implementation, for small models.")  # fmt: skip
+@click.option(
+    "--backend",
+    type=click.Choice(["mlx", "torch"]),
+    default=None,
+    help="mlx (default) or torch: the reference implementation, for small models.",
+)
 @click.option("--save-every", type=int, default=None, help="Checkpoint every K optimizer steps [default: phase ends].")
 @click.option("--report-to", type=click.Choice(["none", "wandb"]), default=None, help="Also log metrics to wandb.")
-@click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue the interrupted run in this directory from its last checkpoint.")  # fmt: skip
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Continue the interrupted run in this directory from its last checkpoint.",
+)
 @_memory_options
 def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend,
               save_every, report_to, resume, **memory):  # fmt: skip
@@ -93,8 +105,12 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
 
     ctx = click.get_current_context()
     if resume is not None:
-        given = [p.name for p in ctx.command.params if p.name not in ("resume", "max_steps", "quiet")
-                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+        given = [
+            p.name
+            for p in ctx.command.params
+            if p.name not in ("resume", "max_steps", "quiet")
+            and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
+        ]
         if given:
             raise UserError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
         report = run.resume_train(resume, max_steps, progress=not quiet)
@@ -110,19 +126,24 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
     }
     overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
     cfg, given = config.build_given(config_file, overrides)
-    report = run.run_train(cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet,
-                           given=given)  # fmt: skip
+    report = run.run_train(
+        cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet, given=given
+    )
     click.echo(run.summary(report), nl=False)
 
 
 def _data_options(f):
-    for opt in reversed([
-        click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository."),
-        click.option("--model", default=None, help="Whose tokenizer [default: the config's, smollm2-135m]."),
-        click.option("--seq-len", type=int, default=None, help="Tokens per sequence [default: derived by analyze]."),
-        click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]):  # fmt: skip
+    for opt in reversed(
+        [
+            click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository."),
+            click.option("--model", default=None, help="Whose tokenizer [default: the config's, smollm2-135m]."),
+            click.option(
+                "--seq-len", type=int, default=None, help="Tokens per sequence [default: derived by analyze]."
+            ),
+            click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config."),
+            click.option("--quiet", is_flag=True, help="No progress bars."),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -165,10 +186,12 @@ def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
     "--out", type=click.Path(path_type=Path), required=True, help="Dataset directory (replaced if a dataset)."
 )
 @click.option("--split", default=None, help="train/val/test shares [default: 85/10/5].")
-@click.option("--fim-rate", type=float, default=None,
-              help="Share of train documents in FIM form (FIM tokenizers) [default: 0.5].")  # fmt: skip
-@click.option("--augment", type=float, default=None,
-              help="Share of train files replaced by an augmented variant [default: 0].")  # fmt: skip
+@click.option(
+    "--fim-rate", type=float, default=None, help="Share of train documents in FIM form (FIM tokenizers) [default: 0.5]."
+)
+@click.option(
+    "--augment", type=float, default=None, help="Share of train files replaced by an augmented variant [default: 0]."
+)
 @click.option("--no-chains", is_flag=True, help="No commit-evolution chains.")
 @click.option("--no-qa", is_flag=True, help="No QA probes.")
 def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, augment, no_chains, no_qa):
@@ -177,8 +200,13 @@ def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, au
 
     from mlx_ltc import run
 
-    extra = {"split": split, "fim_rate": fim_rate, "augment": augment,
-             "chains": False if no_chains else None, "qa": False if no_qa else None}  # fmt: skip
+    extra = {
+        "split": split,
+        "fim_rate": fim_rate,
+        "augment": augment,
+        "chains": False if no_chains else None,
+        "qa": False if no_qa else None,
+    }
     cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet, extra)
     meta, _ = run.prepare_data(cfg, scan, tokenizer, out, cache_dir, profile, progress=not quiet)
     keys = ("seq_len", "packing_efficiency", "splits", "documents", "dedup", "chains", "qa", "skipped", "cache")
@@ -222,10 +250,19 @@ def profile_cmd(model, memory_budget, max_len, granularity, start, batch_size, c
 @click.option("--steps", type=int, default=5, show_default=True, help="Optimizer steps on both sides.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Sequences per step.")
-@click.option("--source", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Directory of Python files to make the batches from [default: mlx_ltc's own source].")  # fmt: skip
-@click.option("--reference-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision of the torch side (float64 tells MLX's own rounding apart).")  # fmt: skip
+@click.option(
+    "--source",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Directory of Python files to make the batches from [default: mlx_ltc's own source].",
+)
+@click.option(
+    "--reference-dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Precision of the torch side (float64 tells MLX's own rounding apart).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @_memory_options
 def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json_out, **memory):
@@ -265,30 +302,69 @@ def _int_list(ctx, param, value):
 @click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--base", is_flag=True, help="Also evaluate the base model, side by side (doubles the time).")
 @click.option("--lengths", callback=_int_list, help="Evaluation lengths [default: 512 ... 2 x the trained length].")
-@click.option("--context-tokens", type=click.IntRange(min=1), default=16_384, show_default=True,
-              help="Test-split tokens scored at every evaluation length.")  # fmt: skip
+@click.option(
+    "--context-tokens",
+    type=click.IntRange(min=1),
+    default=16_384,
+    show_default=True,
+    help="Test-split tokens scored at every evaluation length.",
+)
 @click.option("--windows", callback=_int_list, help="Streaming KV windows [default: 1/2, 1, 2 x trained length].")
-@click.option("--stream-tokens", type=click.IntRange(min=0), default=32_768, show_default=True,
-              help="Tokens in the streaming evaluation (0: the whole source).")  # fmt: skip
-@click.option("--stream-corpus", type=click.Path(path_type=Path), default=None,
-              help="Stream this directory's source files instead of the test split.")  # fmt: skip
+@click.option(
+    "--stream-tokens",
+    type=click.IntRange(min=0),
+    default=32_768,
+    show_default=True,
+    help="Tokens in the streaming evaluation (0: the whole source).",
+)
+@click.option(
+    "--stream-corpus",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Stream this directory's source files instead of the test split.",
+)
 @click.option("--chunk", type=click.IntRange(min=1), default=512, show_default=True, help="Streaming prefill chunk.")
-@click.option("--qa-split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="Split whose QA probes are asked.")  # fmt: skip
-@click.option("--splits", type=click.Choice(["val,test", "test", "val"]), default="val,test", show_default=True,
-              help="Splits to measure perplexity on.")  # fmt: skip
+@click.option(
+    "--qa-split",
+    type=click.Choice(["test", "val"]),
+    default="test",
+    show_default=True,
+    help="Split whose QA probes are asked.",
+)
+@click.option(
+    "--splits",
+    type=click.Choice(["val,test", "test", "val"]),
+    default="val,test",
+    show_default=True,
+    help="Splits to measure perplexity on.",
+)
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="RUN_A RUN_B",
               help="Put two evaluated runs side by side instead.")  # fmt: skip
-@click.option("--forgetting-tokens", type=click.IntRange(min=0), default=16_384, show_default=True,
-              help="Standard-library tokens scored: what the fine-tune costs outside the repo (0: none).")  # fmt: skip
-@click.option("--completion", is_flag=True,
-              help="Run the repo code-completion benchmark (instead of the measurements above).")  # fmt: skip
-@click.option("--completion-targets", type=click.IntRange(min=2), default=200, show_default=True,
-              help="Held-out lines to complete: half cross-file lines, half random lines.")  # fmt: skip
-@click.option("--completion-lengths", callback=_int_list,
-              help="Prompt budgets in tokens [default: 512 and the trained length].")  # fmt: skip
-@click.option("--completion-modes", default=None,
-              help="in_file,cross_file[,fim] [default: in_file,cross_file, and fim with FIM tokens].")  # fmt: skip
+@click.option(
+    "--forgetting-tokens",
+    type=click.IntRange(min=0),
+    default=16_384,
+    show_default=True,
+    help="Standard-library tokens scored: what the fine-tune costs outside the repo (0: none).",
+)
+@click.option(
+    "--completion", is_flag=True, help="Run the repo code-completion benchmark (instead of the measurements above)."
+)
+@click.option(
+    "--completion-targets",
+    type=click.IntRange(min=2),
+    default=200,
+    show_default=True,
+    help="Held-out lines to complete: half cross-file lines, half random lines.",
+)
+@click.option(
+    "--completion-lengths", callback=_int_list, help="Prompt budgets in tokens [default: 512 and the trained length]."
+)
+@click.option(
+    "--completion-modes",
+    default=None,
+    help="in_file,cross_file[,fim] [default: in_file,cross_file, and fim with FIM tokens].",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, stream_corpus, chunk, qa_split, splits,
@@ -343,25 +419,46 @@ def _lengths(text: str) -> list:
 
 
 @bk_group.command("train", short_help="Train the BK model on growing lengths.")
-@click.option("--seq-lens", default="128,512,2048,8192,32768,131072", show_default=True,
-              help="The curriculum's lengths, shortest first.")  # fmt: skip
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (continued when it "
-              "holds an unfinished run with the same settings).")  # fmt: skip
+@click.option(
+    "--seq-lens",
+    default="128,512,2048,8192,32768,131072",
+    show_default=True,
+    help="The curriculum's lengths, shortest first.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run directory (continued when it holds an unfinished run with the same settings).",
+)
 @click.option("--repo", type=click.Path(path_type=Path), default=None, help="Train on this repository's files.")
-@click.option("--corpus", type=click.Path(path_type=Path), default=None,
-              help="Train on this directory's source files [default: this Python's standard library].")  # fmt: skip
+@click.option(
+    "--corpus",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Train on this directory's source files [default: this Python's standard library].",
+)
 @click.option("--steps-per-length", type=int, default=200, show_default=True, help="Optimizer updates per length.")
-@click.option("--tokens-per-step", type=int, default=32768, show_default=True,
-              help="Tokens per update: batch = max(1, this // length).")  # fmt: skip
+@click.option(
+    "--tokens-per-step",
+    type=int,
+    default=32768,
+    show_default=True,
+    help="Tokens per update: batch = max(1, this // length).",
+)
 @click.option("--d-model", type=int, default=256, show_default=True, help="Width of the model.")
 @click.option("--layers", type=int, default=4, show_default=True, help="BK blocks.")
 @click.option("--channels", type=int, default=None, help="BK channels per layer [default: d-model].")
 @click.option("--experts", type=int, default=4, show_default=True, help="Experts in each block's MoE.")
 @click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token (learned router).")
 @click.option("--expert-hidden", type=int, default=512, show_default=True, help="Hidden width of each expert.")
-@click.option("--router", type=click.Choice(["learned", "scattering"]), default="learned", show_default=True,
-              help="learned: a linear router; scattering: parameter-free, top-1 by the phase of the Green's "
-              "function.")  # fmt: skip
+@click.option(
+    "--router",
+    type=click.Choice(["learned", "scattering"]),
+    default="learned",
+    show_default=True,
+    help="learned: a linear router; scattering: parameter-free, top-1 by the phase of the Green's function.",
+)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate of each length.")
 @click.option("--warmup-steps", type=int, default=20, show_default=True, help="Warmup updates of each length.")
 @click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay.")
@@ -370,9 +467,14 @@ def _lengths(text: str) -> list:
 @click.option("--val-tokens", type=int, default=65536, show_default=True, help="Val tokens scored at each length.")
 @click.option("--max-tokens", type=int, default=0, help="Tokenize files until this many tokens [default: all].")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward (less memory).")
-@click.option("--train-chunk", type=int, default=8192, show_default=True,
-              help="Longer sequences train a chunk at a time through the carried state: memory independent of "
-              "length (0: whole sequences).")  # fmt: skip
+@click.option(
+    "--train-chunk",
+    type=int,
+    default=8192,
+    show_default=True,
+    help="Longer sequences train a chunk at a time through the carried state: memory independent of "
+    "length (0: whole sequences).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bk run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -386,11 +488,15 @@ def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step,
         raise UserError("give --repo or --corpus, not both")
     root = repo or corpus or data.default_corpus()
     if not root.is_dir():
-        raise UserError(f"{'--repo' if repo else '--corpus'} {root}: " + ("not a directory" if root.exists()
-                        else "no such directory"))  # fmt: skip
+        raise UserError(
+            f"{'--repo' if repo else '--corpus'} {root}: "
+            + ("not a directory" if root.exists() else "no such directory")
+        )
     if min(d_model, layers, experts, top_k, expert_hidden, channels or 1) < 1 or top_k > experts:
-        raise UserError("--d-model, --layers, --experts, --top-k, --expert-hidden and --channels must be positive, "
-                        "--top-k at most --experts")  # fmt: skip
+        raise UserError(
+            "--d-model, --layers, --experts, --top-k, --expert-hidden and --channels must be positive, "
+            "--top-k at most --experts"
+        )
     if not 0 < val_share < 1:
         raise UserError(f"--val-share must be between 0 and 1, got {val_share}")
     model = {"d_model": d_model, "n_layers": layers, "channels": channels, "n_experts": experts, "top_k": top_k,
@@ -406,13 +512,27 @@ def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step,
 
 @bk_group.command("eval", short_help="Stream tokens through a bk checkpoint.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--stream-tokens", type=click.IntRange(min=0), default=1 << 20, show_default=True,
-              help="Tokens to stream (0: the whole source).")  # fmt: skip
-@click.option("--corpus", type=click.Path(path_type=Path), default=None,
-              help="Stream this directory's source files [default: the run's val slice].")  # fmt: skip
+@click.option(
+    "--stream-tokens",
+    type=click.IntRange(min=0),
+    default=1 << 20,
+    show_default=True,
+    help="Tokens to stream (0: the whole source).",
+)
+@click.option(
+    "--corpus",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Stream this directory's source files [default: the run's val slice].",
+)
 @click.option("--chunk", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
-@click.option("--length", "seq_len", type=int, default=None,
-              help="Evaluate the checkpoint of this training length [default: the longest finished].")  # fmt: skip
+@click.option(
+    "--length",
+    "seq_len",
+    type=int,
+    default=None,
+    help="Evaluate the checkpoint of this training length [default: the longest finished].",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet):
@@ -436,42 +556,83 @@ def mc_group():
 
 @mc_group.command("train", short_help="Train GistNet, LensNet and a LoRA in cycles.")
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="Repository (its train split trains).")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Run directory (continued when it holds an unfinished run with the same settings).")  # fmt: skip
-@click.option("--max-steps", type=click.IntRange(min=1), default=60, show_default=True,
-              help="Updates per phase per cycle (GistNet, LensNet, LoRA).")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run directory (continued when it holds an unfinished run with the same settings).",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="Updates per phase per cycle (GistNet, LensNet, LoRA).",
+)
 @click.option("--cycles", type=click.IntRange(min=1), default=2, show_default=True, help="GistNet -> LensNet -> LoRA.")
-@click.option("--lens-contexts", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Contexts given counterfactual labels per cycle.")  # fmt: skip
-@click.option("--budget", type=click.IntRange(min=64), default=512, show_default=True,
-              help="Working-context budget (positions) while training LensNet and LoRA.")  # fmt: skip
+@click.option(
+    "--lens-contexts",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Contexts given counterfactual labels per cycle.",
+)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=64),
+    default=512,
+    show_default=True,
+    help="Working-context budget (positions) while training LensNet and LoRA.",
+)
 @click.option("--horizon", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens scored per sample.")
-@click.option("--contrast", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).")  # fmt: skip
-@click.option("--l2-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).")  # fmt: skip
+@click.option(
+    "--contrast",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).",
+)
+@click.option(
+    "--l2-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).",
+)
 @click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="Phase summaries only.")
-def mc_train_cmd(repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed,
-                 overwrite, quiet):  # fmt: skip
+def mc_train_cmd(
+    repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed, overwrite, quiet
+):
     """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
     from mlx_ltc.research.megacontext import run as mc
 
     opts = mc.McOptions(cycles=cycles, max_steps=max_steps, lens_contexts=lens_contexts, budget=budget,
                         horizon=horizon, contrast=contrast, l2_steps=l2_steps, split=split, seed=seed)  # fmt: skip
-    state = mc.train_run(repo, out, opts, overwrite=overwrite, progress=not quiet,
-                         log=lambda m: click.echo(m, err=True))  # fmt: skip
+    state = mc.train_run(
+        repo, out, opts, overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True)
+    )
     click.echo(f"trained: {', '.join(state['done'])}; written: {Path(out) / 'state.json'}")
 
 
 @mc_group.command("eval", short_help="Truncation vs gists vs focus vs full context.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True,
-              help="Rows {budget, condition, nll, ci_low, ci_high} go here.")  # fmt: skip
-@click.option("--budgets", callback=_int_list, default="256,512,1024", show_default=True,
-              help="Working-context budgets (positions) to evaluate.")  # fmt: skip
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Rows {budget, condition, nll, ci_low, ci_high} go here.",
+)
+@click.option(
+    "--budgets",
+    callback=_int_list,
+    default="256,512,1024",
+    show_default=True,
+    help="Working-context budgets (positions) to evaluate.",
+)
 @click.option("--horizon", type=click.IntRange(min=2), default=128, show_default=True, help="Scored tokens per file.")
 @click.option("--min-tokens", type=int, default=3000, show_default=True, help="Shortest held-out file scored.")
 @click.option("--max-tokens", type=int, default=6000, show_default=True, help="Longest held-out file scored.")

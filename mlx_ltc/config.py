@@ -255,8 +255,13 @@ def validate(config: Config) -> None:
         shares = []
     if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
         raise UserError(f"config: data.split must be train/val/test shares like 85/10/5, got {d.split!r}")
-    if not (0 <= d.fim_rate <= 1 and 0 <= d.augment <= 1 and 0 < d.near_duplicate <= 1 and 0 <= d.min_entropy < 1
-            and 0 <= d.chain_share <= 1):  # fmt: skip
+    if not (
+        0 <= d.fim_rate <= 1
+        and 0 <= d.augment <= 1
+        and 0 < d.near_duplicate <= 1
+        and 0 <= d.min_entropy < 1
+        and 0 <= d.chain_share <= 1
+    ):
         raise UserError(
             "config: data.fim_rate, data.augment, data.min_entropy, data.chain_share must be in [0, 1], "
             "near_duplicate in (0, 1]"

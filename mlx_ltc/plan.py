@@ -48,8 +48,10 @@ class RunPlan:
         phases = f"{self.phases.value} phase" + ("s" if self.phases.value != 1 else "")
         if self.phases.source == "backend":
             phases += f": {self.phases.why}"
-        head = (f"plan: seq_len {self.seq_len.value}, batch {self.batch_size.value}, "
-                f"LoRA rank {self.lora_rank.value}, {phases}")  # fmt: skip
+        head = (
+            f"plan: seq_len {self.seq_len.value}, batch {self.batch_size.value}, "
+            f"LoRA rank {self.lora_rank.value}, {phases}"
+        )
         rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "config"]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {c.value!s:<9} {c.source}" + (f": {c.why}" if c.why else "") for name, c in rows]
@@ -84,8 +86,11 @@ def memory_policy(cfg: Config, given: dict, backend, loaded) -> dict:
     choices = {k: Choice(getattr(m, k), given.get(f"memory.{k}", "default")) for k in ("attention", "loss", "staged")}
     if not backend.memory_engine:
         why = f"the {backend.name} backend has no memory engine"
-        return {"attention": Choice("stock", "backend", why), "loss": Choice("full", "backend", why),
-                "staged": Choice(False, "backend", why)}  # fmt: skip
+        return {
+            "attention": Choice("stock", "backend", why),
+            "loss": Choice("full", "backend", why),
+            "staged": Choice(False, "backend", why),
+        }
     if not backend.engine_supports(loaded) and (m.attention == "efficient" or m.staged):
         why = f"the memory engine does not support {loaded.config.get('model_type')!r} models"
         choices["attention"] = Choice("stock", "backend", why)
@@ -106,8 +111,10 @@ def _derived(constants: dict, name: str) -> Choice:
 def check(cfg: Config, backend) -> None:
     """What the user asked for that this backend can't do: one clear error before any model loads."""
     if not backend.curriculum and cfg.curriculum.phases > 1:
-        raise UserError(f"curriculum.phases {cfg.curriculum.phases}: the {backend.name} backend trains one "
-                        "phase at the dataset's length; use the mlx backend for a curriculum")  # fmt: skip
+        raise UserError(
+            f"curriculum.phases {cfg.curriculum.phases}: the {backend.name} backend trains one "
+            "phase at the dataset's length; use the mlx backend for a curriculum"
+        )
 
 
 def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: dict | None) -> RunPlan:

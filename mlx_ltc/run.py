@@ -40,8 +40,9 @@ def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profi
     derived one when it has none, and the analysis."""
     corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
-    meta = data.build(corpus, out, cfg.data.seq_len or analysis["constants"]["seq_len"]["value"], analysis,
-                      progress=progress)  # fmt: skip
+    meta = data.build(
+        corpus, out, cfg.data.seq_len or analysis["constants"]["seq_len"]["value"], analysis, progress=progress
+    )
     _log(data_summary(meta))
     return meta, analysis
 
@@ -80,7 +81,12 @@ def default_out(repo: Path) -> Path:
 
 
 def run_train(
-    cfg: Config, repo: Path, out: Path, overwrite: bool = False, cache_dir=None, progress: bool = True,
+    cfg: Config,
+    repo: Path,
+    out: Path,
+    overwrite: bool = False,
+    cache_dir=None,
+    progress: bool = True,
     given: dict | None = None,
 ) -> dict:
     """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given)."""
@@ -231,10 +237,14 @@ def val_numbers(p: dict) -> dict:
     kinds = p.get("by_kind", {})
     file, chain = kinds.get("file"), kinds.get("chain")
     return {
-        "val_loss": p["loss"], "val_ppl": p["ppl"], "val_tokens": p["tokens"],
-        "file_ppl": file and file["ppl"], "file_tokens": file["tokens"] if file else 0,
-        "chain_ppl": chain and chain["ppl"], "chain_tokens": chain["tokens"] if chain else 0,
-    }  # fmt: skip
+        "val_loss": p["loss"],
+        "val_ppl": p["ppl"],
+        "val_tokens": p["tokens"],
+        "file_ppl": file and file["ppl"],
+        "file_tokens": file["tokens"] if file else 0,
+        "chain_ppl": chain and chain["ppl"],
+        "chain_tokens": chain["tokens"] if chain else 0,
+    }
 
 
 def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Path, progress: bool) -> dict:
@@ -295,18 +305,24 @@ def summary(report: dict) -> str:
     minutes, seconds = divmod(int(t["wall_s"]), 60)
     if a.get("file_ppl") and b.get("file_ppl"):
         head = f"held-out files' perplexity {_ppl_change(b['file_ppl'], a['file_ppl'])}"
-        lines = [f"  held-out files ({files['val']} val files): {_ppl_change(b['file_ppl'], a['file_ppl'])}, "
-                 f"over {a['file_tokens']:,} tokens"]  # fmt: skip
+        lines = [
+            f"  held-out files ({files['val']} val files): {_ppl_change(b['file_ppl'], a['file_ppl'])}, "
+            f"over {a['file_tokens']:,} tokens"
+        ]
         if a.get("chain_ppl") and b.get("chain_ppl"):
-            lines.append(f"  their commit chains: {_ppl_change(b['chain_ppl'], a['chain_ppl'])}, "
-                         f"over {a['chain_tokens']:,} tokens")  # fmt: skip
+            lines.append(
+                f"  their commit chains: {_ppl_change(b['chain_ppl'], a['chain_ppl'])}, "
+                f"over {a['chain_tokens']:,} tokens"
+            )
     else:  # a report from before perplexity was split by document kind
         head = f"validation perplexity {_ppl_change(b['val_ppl'], a['val_ppl'])}"
         lines = []
     forgot = report.get("forgetting")
     if forgot:
-        lines.append(f"  outside the repo ({forgot['source']}, {forgot['tokens']:,} tokens): "
-                     f"{_ppl_change(forgot['base']['ppl'], forgot['adapted']['ppl'])}")  # fmt: skip
+        lines.append(
+            f"  outside the repo ({forgot['source']}, {forgot['tokens']:,} tokens): "
+            f"{_ppl_change(forgot['base']['ppl'], forgot['adapted']['ppl'])}"
+        )
     line = completion.headline(report.get("completion") or [])
     if line:
         lines.append(f"  {line}")

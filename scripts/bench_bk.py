@@ -140,9 +140,11 @@ def row_line(r: dict, rows: list) -> str:
     ratios = [
         f"{r[k] / base[k]:.2f}" if r[k] and base.get(k) else "-" for k in ("val_loss", "tokens_per_s", "peak_bytes")
     ]
-    return (f"{r['seq_len']:>7,} {r['model']:<12} {r['final_train_loss'] or math.nan:>10.4f} "
-            f"{r['val_loss'] or math.nan:>9.4f} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**20:>8.1f} "
-            f"{ratios[0]:>7} {ratios[1]:>8} {ratios[2]:>7}")  # fmt: skip
+    return (
+        f"{r['seq_len']:>7,} {r['model']:<12} {r['final_train_loss'] or math.nan:>10.4f} "
+        f"{r['val_loss'] or math.nan:>9.4f} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**20:>8.1f} "
+        f"{ratios[0]:>7} {ratios[1]:>8} {ratios[2]:>7}"
+    )
 
 
 # --- --compare ------------------------------------------------------------------------------------------
@@ -156,8 +158,10 @@ def compare(args, bk_cfg: BKConfig) -> dict:
                         lr=args.lr, warmup_steps=args.steps // 5 if args.warmup is None else args.warmup,
                         val_tokens=args.val_tokens, seed=args.seed)  # fmt: skip
     rows, configs = [], {}
-    header = (f"{'length':>7} {'model':<12} {'train loss':>10} {'val loss':>9} {'tokens/s':>9} {'peak MB':>8} "
-              f"{'val/BK':>7} {'tok/s/BK':>8} {'mem/BK':>7}")  # fmt: skip
+    header = (
+        f"{'length':>7} {'model':<12} {'train loss':>10} {'val loss':>9} {'tokens/s':>9} {'peak MB':>8} "
+        f"{'val/BK':>7} {'tok/s/BK':>8} {'mem/BK':>7}"
+    )
     print(header, flush=True)
     for kind in args.models:
         mx.random.seed(args.seed)
@@ -231,8 +235,11 @@ def train_points(net, lens, vocab, args, rng) -> list:
         peak = mx.get_peak_memory()
         act = max(0, peak - resident - grad_bytes)  # what grows with n: activations, not params or grads
         points.append({"len": n, "seconds": min(times), "peak_bytes": peak, "act_bytes": act})
-        print(f"  train {n:>9,}: {min(times):8.2f} s  {min(times) / n * 1e6:9.2f} us/token  peak "
-              f"{peak / 2**20:9.1f} MB  {act / n:9.0f} activation B/token", flush=True)  # fmt: skip
+        print(
+            f"  train {n:>9,}: {min(times):8.2f} s  {min(times) / n * 1e6:9.2f} us/token  peak "
+            f"{peak / 2**20:9.1f} MB  {act / n:9.0f} activation B/token",
+            flush=True,
+        )
     return points
 
 
@@ -249,8 +256,11 @@ def eval_points(net, marks, vocab, args, rng) -> list:
         if pending and count >= pending[0]:
             pending.pop(0)
             points.append({"len": count, "seconds": seconds, "peak_bytes": mx.get_peak_memory()})
-            print(f"  eval  {count:>9,}: {seconds:8.2f} s  {seconds / count * 1e6:9.2f} us/token  peak "
-                  f"{points[-1]['peak_bytes'] / 2**20:9.1f} MB  nll {float(nll.mean()):.3f}", flush=True)  # fmt: skip
+            print(
+                f"  eval  {count:>9,}: {seconds:8.2f} s  {seconds / count * 1e6:9.2f} us/token  peak "
+                f"{points[-1]['peak_bytes'] / 2**20:9.1f} MB  nll {float(nll.mean()):.3f}",
+                flush=True,
+            )
             slow = pending and too_big(points, pending[0], args)  # the stream up to the next mark, estimated
         elif seconds > args.max_seconds:
             slow = f"too slow, skipped (over {args.max_seconds:,.0f} s before reaching it)"
@@ -358,8 +368,10 @@ def main():
         args.lens = [128, 512, 2048]
     bk_cfg = BKConfig(vocab_size=0, d_model=args.d_model, n_layers=args.layers, channels=args.channels,
                       n_experts=args.experts, top_k=args.top_k, expert_hidden=args.expert_hidden)  # fmt: skip
-    print(f"{machine['platform']} ({machine['device']}, {machine['cpu_cores']} cores, {machine['memory_gb']} GB), "
-          f"MLX {machine['mlx_version']}")  # fmt: skip
+    print(
+        f"{machine['platform']} ({machine['device']}, {machine['cpu_cores']} cores, {machine['memory_gb']} GB), "
+        f"MLX {machine['mlx_version']}"
+    )
     result = compare(args, bk_cfg) if args.compare else scaling(args, bk_cfg)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, **result}, indent=1, default=str))

@@ -87,15 +87,19 @@ def main():
         floor = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         results["tokenizer_only"] = floor
     cold, warm = results["cold"], results["warm"]
-    print(f"repo {args.repo}: {cold['files']:,} files, {cold['source_mb']:.1f} MB ({cold['kept']:,} kept), "
-          f"{os.cpu_count()} CPUs, tokenizer of {args.model}")  # fmt: skip
+    print(
+        f"repo {args.repo}: {cold['files']:,} files, {cold['source_mb']:.1f} MB ({cold['kept']:,} kept), "
+        f"{os.cpu_count()} CPUs, tokenizer of {args.model}"
+    )
     print(
         f"{'':6}{'scan':>8}{'process':>9}{'filter+graph':>14}{'pack+write':>12}{'total':>8}{'MB/s':>8}{'peak RSS':>10}"
     )
     for name in ("cold", "warm"):
         r = results[name]
-        print(f"{name:6}{r['scan_s']:>7.1f}s{r['process_s']:>8.1f}s{r['graph_filter_s']:>13.1f}s{r['build_s']:>11.1f}s"
-              f"{r['total_s']:>7.1f}s{r['mb_per_s']:>8.2f}{r['peak_rss_mb']:>8.0f}MB")  # fmt: skip
+        print(
+            f"{name:6}{r['scan_s']:>7.1f}s{r['process_s']:>8.1f}s{r['graph_filter_s']:>13.1f}s{r['build_s']:>11.1f}s"
+            f"{r['total_s']:>7.1f}s{r['mb_per_s']:>8.2f}{r['peak_rss_mb']:>8.0f}MB"
+        )
     floor = results["tokenizer_only"]
     print(
         f"tokenizer alone over the same files: {floor['total_s']:.1f}s ({floor['mb_per_s']:.2f} MB/s); "

@@ -39,24 +39,30 @@ def main():
     loaded = models.load(models.resolve(args.model, models.default_cache_dir()), "auto")
     tokens, files = corpus_stream(args.corpus, loaded.tokenizer, args.tokens, 1_000_000)
     machine = hardware.describe()
-    print(f"{args.model} on {machine['platform']} ({machine['device']}, {machine['cpu_cores']} cores): "
-          f"{len(tokens):,} tokens from {files} files of {args.corpus}")  # fmt: skip
+    print(
+        f"{args.model} on {machine['platform']} ({machine['device']}, {machine['cpu_cores']} cores): "
+        f"{len(tokens):,} tokens from {files} files of {args.corpus}"
+    )
     configs = [(int(w), tokens) for w in args.windows.split(",")]
     if args.full_up_to > 0:
         configs.append((None, tokens[: args.full_up_to]))
     rows = []
 
     def show(p):
-        tqdm.write(f"  W={p.window or 'all':>6} {p.tokens:>10,} tokens  nll {p.nll:.4f}  {p.tokens_per_s:8.1f} tok/s  "
-                   f"peak {p.peak_bytes / 2**30:.3f} GB")  # fmt: skip
+        tqdm.write(
+            f"  W={p.window or 'all':>6} {p.tokens:>10,} tokens  nll {p.nll:.4f}  {p.tokens_per_s:8.1f} tok/s  "
+            f"peak {p.peak_bytes / 2**30:.3f} GB"
+        )
 
     for window, toks in configs:
         with tqdm(total=len(toks), unit="tok", unit_scale=True, leave=False, desc=f"W={window or 'all'}") as bar:
             points = stream.stream_eval(loaded.model, toks, window, args.chunk, progress=bar, on_point=show)
         rows += [{"window": window or 0, **p.__dict__} for p in points]
         base = next((p for p in points if p.tokens >= 65_536), points[0])
-        print(f"  W={window or 'all':>6} peak at {points[-1].tokens:,} / peak at {base.tokens:,}: "
-              f"{points[-1].peak_bytes / base.peak_bytes:.3f}")  # fmt: skip
+        print(
+            f"  W={window or 'all':>6} peak at {points[-1].tokens:,} / peak at {base.tokens:,}: "
+            f"{points[-1].peak_bytes / base.peak_bytes:.3f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -69,10 +69,12 @@ def main():
         for q in lsh.query(m):
             if q != p and split_of[q] != split_of[p] and m.jaccard(sketches[q]) >= args.threshold:
                 near_cross.add(tuple(sorted((p, q))))
-    print(f"{args.dataset}: {len(split_of)} files "
-          f"({', '.join(f'{len(v)} {k}' for k, v in by_split.items())}); files in two splits: {overlap}; "
-          f"exact duplicates across splits: {len(exact_cross)}; near duplicates (J >= {args.threshold}) across "
-          f"splits: {len(near_cross)}")  # fmt: skip
+    print(
+        f"{args.dataset}: {len(split_of)} files "
+        f"({', '.join(f'{len(v)} {k}' for k, v in by_split.items())}); files in two splits: {overlap}; "
+        f"exact duplicates across splits: {len(exact_cross)}; near duplicates (J >= {args.threshold}) across "
+        f"splits: {len(near_cross)}"
+    )
     for pair in sorted(near_cross)[:10]:
         print("  near:", *pair)
     problems += [f"exact duplicates across splits: {ps}" for ps in exact_cross]

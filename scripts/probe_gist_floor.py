@@ -43,8 +43,13 @@ def main():
     sink = mx.broadcast_to(embed(mx.array([0])).astype(mx.float32)[None], (e.shape[0], 1, e.shape[-1]))
     mean = e[:, :32].mean(axis=1)
     token_norm = mx.linalg.norm(e, axis=-1).mean()
-    vectors = {"none": None, "mean": mean, "zero": mx.zeros_like(mean), "last": e[:, 31],
-               "rescaled": mean * token_norm / mx.linalg.norm(mean, axis=-1, keepdims=True)}  # fmt: skip
+    vectors = {
+        "none": None,
+        "mean": mean,
+        "zero": mx.zeros_like(mean),
+        "last": e[:, 31],
+        "rescaled": mean * token_norm / mx.linalg.norm(mean, axis=-1, keepdims=True),
+    }
 
     def nll(vector, task):
         seg = slice(0, 32) if task == "ae" else slice(32, 64)

@@ -31,8 +31,9 @@ def rel(a, b):
     return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
 
 
-@pytest.mark.parametrize("router, chunk, checkpoint", [("learned", 40, False), ("scattering", 32, False),
-                                                        ("learned", 17, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "router, chunk, checkpoint", [("learned", 40, False), ("scattering", 32, False), ("learned", 17, True)]
+)
 def test_chunked_gradients_equal_one_shot(router, chunk, checkpoint):
     model = model_of(router)
     if checkpoint:

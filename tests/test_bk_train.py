@@ -210,8 +210,12 @@ def test_ctrl_c_inside_a_length_saves_and_the_run_continues_exactly(cache_dir, c
     straight = run_cli("bk", "train", "--out", tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_ltc", "bk", "train", "--out", str(out), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_ltc", "bk", "train", "--out", str(out), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 15):
         time.sleep(0.05)
@@ -274,8 +278,9 @@ def test_bad_input_is_one_error_line(tiny_run, corpus, tmp_path):
     assert_one_line_error(invoke("bk", "train", "--corpus", corpus, "--out", foreign, "--overwrite"), "not a bk run")
     assert (foreign / "notes.txt").read_text() == "mine"
     run = tiny_run[0]
-    assert_one_line_error(invoke("bk", "train", "--corpus", corpus, "--out", run, *TINY_RUN, "--lr", "0.5"),
-                          "other settings (train.lr)")  # fmt: skip
+    assert_one_line_error(
+        invoke("bk", "train", "--corpus", corpus, "--out", run, *TINY_RUN, "--lr", "0.5"), "other settings (train.lr)"
+    )
     assert_one_line_error(invoke("bk", "eval", tmp_path / "nope"), "does not exist")
     assert_one_line_error(invoke("bk", "eval", foreign), "no finished length")
     assert_one_line_error(invoke("bk", "eval", run, "--corpus", tmp_path / "missing"), "not a directory")

@@ -234,8 +234,10 @@ def trained(tmp_path_factory, cache_dir):
     files = {"pkg/__init__.py": ""}
     for i in range(12):
         dep = f"from pkg.mod{(i + 1) % 12} import helper_{(i + 1) % 12}\n\n" if i else ""
-        body = "".join(f"def fn_{i}_{j}(value):\n    total = helper_{(i + 1) % 12}(value) + {j}\n    return total\n\n"
-                       for j in range(20))  # fmt: skip
+        body = "".join(
+            f"def fn_{i}_{j}(value):\n    total = helper_{(i + 1) % 12}(value) + {j}\n    return total\n\n"
+            for j in range(20)
+        )
         files[f"pkg/mod{i}.py"] = dep + f"def helper_{i}(value):\n    return value * {i}\n\n" + body
     repo = write_files(root / "repo", files)
     run = root / "run"
@@ -276,8 +278,9 @@ def test_eval_completion_writes_rows_records_table_and_plot(trained):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["completion"]
     keys = {"model", "mode", "budget", "kind", "targets", "em", "em_ci", "es", "id_f1"}
-    assert rows and all(keys <= set(r) and 0 <= r["em"] <= 1 and r["em_ci"][0] <= r["em"] <= r["em_ci"][1]
-                        for r in rows)  # fmt: skip
+    assert rows and all(
+        keys <= set(r) and 0 <= r["em"] <= 1 and r["em_ci"][0] <= r["em"] <= r["em_ci"][1] for r in rows
+    )
     assert {r["budget"] for r in rows} == {64, 256} and {r["model"] for r in rows} == {"base", "adapted"}
     assert {r["mode"] for r in rows} == {"in_file", "cross_file"}
     ev = json.loads((run / "report.json").read_text())["eval"]

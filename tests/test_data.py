@@ -336,8 +336,10 @@ def test_build_end_to_end(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
     corpus, meta = build_repo(repo, tokenizer, tmp_path / "ds")
     skipped = {d["path"]: d["reason"] for d in meta["skipped_files"]}
-    assert skipped == {"pkg/mod_copy.py": "near duplicate of pkg/mod_3.py",
-                       "pkg/mod_same.py": "exact duplicate of pkg/mod_4.py"}  # fmt: skip
+    assert skipped == {
+        "pkg/mod_copy.py": "near duplicate of pkg/mod_3.py",
+        "pkg/mod_same.py": "exact duplicate of pkg/mod_4.py",
+    }
     assert meta["dedup"]["near"] == 1 and meta["dedup"]["exact"] == 1
     by_split = meta["files_by_split"]
     kept = {f.path for f in data.scan(repo).files} - set(skipped)
@@ -423,8 +425,13 @@ def test_fim_uses_the_tokenizers_own_tokens_and_only_in_train(tmp_path, tokenize
 
 def test_commit_chains_follow_their_files_split(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
-    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, env=env)
     git("init", "-q")
     git("add", ".")
@@ -442,8 +449,13 @@ def test_commit_chains_follow_their_files_split(tmp_path, tokenizer):
 
 def test_chain_share_caps_the_tokens_chains_take_in_every_split(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
-    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, env=env)
     git("init", "-q")
     git("add", ".")

@@ -41,8 +41,10 @@ def synthetic_samples(n, seed=0):
         t, _ = tree_of(model, int(rng.integers(900, 2200)), seed=k)
         entries = wc.recency(t, int(rng.integers(150, 500)))
         end = len(t.tokens)
-        labels = {e: 0.2 * np.exp(-(end - t.span(max(e.level, 1), e.index)[1]) / 300) + (0.05 if e.level == 0 else 0)
-                  for e in entries}  # fmt: skip
+        labels = {
+            e: 0.2 * np.exp(-(end - t.span(max(e.level, 1), e.index)[1]) / 300) + (0.05 if e.level == 0 else 0)
+            for e in entries
+        }
         samples.append(lens.sample_of(t, entries, labels, tail=4))
     return samples
 

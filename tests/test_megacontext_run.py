@@ -23,8 +23,7 @@ def test_identifier_mask_marks_names_defined_only_in_the_truncated_head():
     text = "def alpha():\n    pass\n\nbeta = 1\n# filler filler filler\nx = alpha() + beta\n"
     starts = [0, 4, 9, 12, 13, 17, 22, 23, 24, 28, 33, 40, 47, 54, 55, 57, 59, 64, 66, 68, 71]
     tokens = list(range(len(starts)))
-    f = {"text": text, "byte_starts": starts, "tokens": tokens,
-         "definitions": [("alpha", 0), ("beta", 24)]}  # fmt: skip
+    f = {"text": text, "byte_starts": starts, "tokens": tokens, "definitions": [("alpha", 0), ("beta", 24)]}
     n_history = 15  # history ends at byte 55 ("x = ..." is the target)
     mask = identifier_mask(f, n_history, budget=11)  # head: bytes [0, 13): alpha only; the kept part mentions beta
     target_starts = np.array(starts[n_history:])

@@ -125,8 +125,7 @@ def test_context_gain_compares_the_end_of_the_window_with_its_middle():
 
 
 def make_cfg(seq_len=256, n_phases=3, **train):
-    return merge(Config(train=TrainConfig(**train)), {"data": {"seq_len": seq_len},
-                                                              "curriculum": {"phases": n_phases}})
+    return merge(Config(train=TrainConfig(**train)), {"data": {"seq_len": seq_len}, "curriculum": {"phases": n_phases}})
 
 
 def test_plan_scales_lengths_keeps_tokens_per_update_and_uses_the_whole_budget():

@@ -49,7 +49,12 @@ def test_open_values_are_derived_and_the_users_config_is_left_as_it_was():
     assert p.attention == plan.Choice("efficient", "default")
     c = p.config
     assert (c.data.seq_len, c.lora.rank, c.curriculum.phases, c.train.batch_size, c.memory.layers_per_stage) == (
-        1024, 16, 2, 1, 1)  # fmt: skip
+        1024,
+        16,
+        2,
+        1,
+        1,
+    )
     assert cfg == config.build()  # the user's config is untouched
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.data.seq_len = 64

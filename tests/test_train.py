@@ -34,10 +34,14 @@ def random_windows(n, length, seed=0, short_last=None):
 
 def run_training(model, split, run_dir, val=None, n_phases=1, progress=False, **train_kw):
     """The product's loop on a bare split: no early stop, evals on `val` (default: the split)."""
-    cfg = merge(Config(train=TrainConfig(**train_kw)), {
-        "data": {"seq_len": split.tokens.shape[1]}, "curriculum": {"phases": n_phases},
-        "orchestrator": {"converge_tol": 0.0},
-    })  # fmt: skip
+    cfg = merge(
+        Config(train=TrainConfig(**train_kw)),
+        {
+            "data": {"seq_len": split.tokens.shape[1]},
+            "curriculum": {"phases": n_phases},
+            "orchestrator": {"converge_tol": 0.0},
+        },
+    )
     trainer = Trainer(model, split, val or split, cfg, run_dir, log=lambda msg: None, progress=progress)
     trainer.start(phases.total_steps(cfg, len(split)))
     return trainer.run()
@@ -56,12 +60,20 @@ def test_padding_never_counts(tiny_dir):
 def test_lora_targets_attention_and_mlp_by_architecture(tiny_dir, smollm2_dir):
     tiny = models.load(tiny_dir, dequantize="always").model
     assert lora_keys(tiny, LoraConfig()) == [
-        "mlp.c_fc", "mlp.c_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj",
-    ]  # fmt: skip
+        "mlp.c_fc",
+        "mlp.c_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     smol = models.load(smollm2_dir, dequantize="never").model
     assert lora_keys(smol, LoraConfig(targets=["self_attn.q_proj", "mlp"])) == [
-        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj",
-    ]  # fmt: skip
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.q_proj",
+    ]
     with pytest.raises(UserError, match="match no linear layer"):
         lora_keys(tiny, LoraConfig(targets=["attention"]))
 

@@ -57,8 +57,9 @@ def reference_run(repo_and_config):
 
 
 def start(args):
-    return subprocess.Popen([sys.executable, "-m", "mlx_ltc", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_ltc", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_steps(proc, run, n):
@@ -160,11 +161,16 @@ def windows(n, length, seed=0):
 def trainer(tiny_dir, run_dir, split, n_phases=1, orchestrator=None, **stability):
     loaded = models.load(tiny_dir, dequantize="always")
     apply_lora(loaded.model, LoraConfig(rank=4))
-    cfg = merge(Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2)), {
-        "data": {"seq_len": split.tokens.shape[1]}, "curriculum": {"phases": n_phases},
-        "orchestrator": {"converge_tol": 0.0, "eval_every": 4, **(orchestrator or {})},
-        "checkpoint": {"save_every": 2}, "stability": stability,
-    })  # fmt: skip
+    cfg = merge(
+        Config(train=TrainConfig(max_steps=24, lr=1e-3, warmup_steps=2, batch_size=2)),
+        {
+            "data": {"seq_len": split.tokens.shape[1]},
+            "curriculum": {"phases": n_phases},
+            "orchestrator": {"converge_tol": 0.0, "eval_every": 4, **(orchestrator or {})},
+            "checkpoint": {"save_every": 2},
+            "stability": stability,
+        },
+    )
     t = Trainer(loaded.model, split, split, cfg, run_dir, log=lambda m: None, progress=False)
     t.start(phases.total_steps(cfg, len(split)))
     return t

@@ -54,8 +54,9 @@ def derive(p95_tokens: float, mean_depth: float, n_files: int, total_tokens: int
     ]  # fmt: skip
 
 
-def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_hash: str, profile=None,
-             roles=None, seq_len=None) -> dict:  # fmt: skip
+def analysis(
+    scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_hash: str, profile=None, roles=None, seq_len=None
+) -> dict:
     """The analysis.json document."""
     tokens = np.array([len(i.tokens) for i in infos])
     per_language = defaultdict(lambda: {"files": 0, "bytes": 0, "tokens": 0})
@@ -67,9 +68,14 @@ def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_has
     p95 = float(np.percentile(tokens, 95)) if len(tokens) else 0.0
     skipped = set(graph.skipped)
     constants = derive(
-        p95, graph.mean_depth, len(infos), int(tokens.sum()),
-        profile["max_seq_len"] if profile else None, profile["batch_size"] if profile else 1, seq_len=seq_len,
-    )  # fmt: skip
+        p95,
+        graph.mean_depth,
+        len(infos),
+        int(tokens.sum()),
+        profile["max_seq_len"] if profile else None,
+        profile["batch_size"] if profile else 1,
+        seq_len=seq_len,
+    )
     return {
         "repo": str(scan.root),
         "listing": scan.listing,
@@ -85,7 +91,7 @@ def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_has
                 **({"role": roles[i.path]} if roles else {}),
             }
             for i in infos
-        },  # fmt: skip
+        },
         "totals": {"files": len(infos), "bytes": sum(i.bytes for i in infos), "tokens": int(tokens.sum())},
         "file_tokens": {
             "median": float(np.median(tokens)) if len(tokens) else 0.0,
@@ -110,8 +116,10 @@ def analysis(scan, infos, graph: ImportGraph, tokenizer_name: str, tokenizer_has
 
 def table(a: dict) -> str:
     """A compact human summary of an analysis."""
-    lines = [f"{a['repo']}: {a['totals']['files']:,} files, {a['totals']['bytes'] / 1e6:.2f} MB, "
-             f"{a['totals']['tokens']:,} tokens ({a['tokenizer']})"]  # fmt: skip
+    lines = [
+        f"{a['repo']}: {a['totals']['files']:,} files, {a['totals']['bytes'] / 1e6:.2f} MB, "
+        f"{a['totals']['tokens']:,} tokens ({a['tokenizer']})"
+    ]
     lines.append(f"  {'language':<12}{'files':>8}{'MB':>9}{'tokens':>12}")
     for lang, t in a["languages"].items():
         lines.append(f"  {lang:<12}{t['files']:>8,}{t['bytes'] / 1e6:>9.2f}{t['tokens']:>12,}")

@@ -224,8 +224,13 @@ def _python_locals(root) -> list:
             owner.bound.update(_py_targets(node, "name"))
         elif kind == "as_pattern":
             owner.bound.update(_py_targets(node, "alias"))
-        elif kind in ("global_statement", "nonlocal_statement", "import_statement", "import_from_statement",
-                      "future_import_statement"):  # fmt: skip
+        elif kind in (
+            "global_statement",
+            "nonlocal_statement",
+            "import_statement",
+            "import_from_statement",
+            "future_import_statement",
+        ):
             owner.blocked |= _identifiers(node, {"identifier"})
         elif kind == "interpolation" and any(c.type == "=" for c in node.children):
             owner.blocked |= _identifiers(node, {"identifier"})
@@ -260,8 +265,11 @@ def _go_locals(root) -> list:
     groups, stack = [], [root]
     while stack:
         node = stack.pop()
-        body = node.child_by_field_name("body") if node.type in ("function_declaration", "method_declaration",
-                                                                 "func_literal") else None  # fmt: skip
+        body = (
+            node.child_by_field_name("body")
+            if node.type in ("function_declaration", "method_declaration", "func_literal")
+            else None
+        )
         if body is None:
             stack.extend(node.children)
             continue
@@ -307,8 +315,11 @@ def _go_function_locals(function, body, package_level) -> list:
         elif kind in ("var_spec", "const_spec"):
             declare(node.children_by_field_name("name"), node.end_byte, _go_scope_end(node))
         elif kind == "type_switch_statement" and node.child_by_field_name("alias") is not None:
-            declare(node.child_by_field_name("alias").named_children, node.child_by_field_name("value").end_byte,
-                    node.end_byte)  # fmt: skip
+            declare(
+                node.child_by_field_name("alias").named_children,
+                node.child_by_field_name("value").end_byte,
+                node.end_byte,
+            )
         stack.extend(reversed(node.children))
 
     def in_scope(n, name):

@@ -309,8 +309,12 @@ def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus
     max_depth = max(corpus.graph.depth.values(), default=0) or 1
     n = useful = pad = 0
     difficulties = []
-    with atomic.atomic_path(tmp / f"{name}{SHARD_SUFFIX}") as bin_path, open(bin_path, "wb") as tokens_out, \
-            atomic.atomic_path(tmp / f"{name}.jsonl") as index_path, open(index_path, "w") as index_out:  # fmt: skip
+    with (
+        atomic.atomic_path(tmp / f"{name}{SHARD_SUFFIX}") as bin_path,
+        open(bin_path, "wb") as tokens_out,
+        atomic.atomic_path(tmp / f"{name}.jsonl") as index_path,
+        open(index_path, "w") as index_out,
+    ):
         for seq in _packed(name, split_docs, seq_len, prefix, docs):
             tokens_out.write(seq.tokens.astype(dtype).tobytes())
             score = _difficulty(seq, docs, corpus, seq_len, max_depth)
@@ -324,10 +328,15 @@ def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus
     d = np.array(difficulties) if difficulties else np.zeros(1)
     files = {docs[x.index]["path"] for x in split_docs}
     return {
-        "sequences": n, "tokens": n * seq_len, "useful_tokens": useful, "pad_tokens": pad,
-        "packing_efficiency": useful / (n * seq_len) if n else 0.0, "documents": len(split_docs), "files": len(files),
+        "sequences": n,
+        "tokens": n * seq_len,
+        "useful_tokens": useful,
+        "pad_tokens": pad,
+        "packing_efficiency": useful / (n * seq_len) if n else 0.0,
+        "documents": len(split_docs),
+        "files": len(files),
         "difficulty": {"mean": float(d.mean()), "p10": float(np.percentile(d, 10)), "p90": float(np.percentile(d, 90))},
-    }  # fmt: skip
+    }
 
 
 def _packed(name: str, split_docs, seq_len, prefix, docs):
@@ -376,8 +385,9 @@ def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> dict:
             for b in buckets:
                 if counts[b] >= cfg.qa_per_bucket or evidence is None:
                     continue
-                probe = probes.build_probe(cand, b, prefix, *evidence, fillers, corpus.markers, corpus.encode,
-                                           max_len, rng)  # fmt: skip
+                probe = probes.build_probe(
+                    cand, b, prefix, *evidence, fillers, corpus.markers, corpus.encode, max_len, rng
+                )
                 if probe is not None:
                     made.append(probe)
                     counts[b] += 1
@@ -393,8 +403,11 @@ def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> dict:
                              "context_files": p.context_files})  # fmt: skip
                 offset += len(p.prompt)
         atomic.write_jsonl(tmp / "qa" / f"{name}.jsonl", rows)
-        summary[name] = {"probes": len(made), "by_kind": dict(Counter(p.kind for p in made)),
-                         "by_bucket": {str(b): counts[b] for b in buckets}}  # fmt: skip
+        summary[name] = {
+            "probes": len(made),
+            "by_kind": dict(Counter(p.kind for p in made)),
+            "by_bucket": {str(b): counts[b] for b in buckets},
+        }
     return summary
 
 

@@ -65,8 +65,9 @@ def _short(text: str) -> bool:
     return "\n" not in text and 1 <= len(text) <= 60
 
 
-def build_probe(candidate, distance, prefix, evidence_doc, evidence_offset, fillers, markers, encode, max_len, rng,
-                n_distractors=4):  # fmt: skip
+def build_probe(
+    candidate, distance, prefix, evidence_doc, evidence_offset, fillers, markers, encode, max_len, rng, n_distractors=4
+):
     """A Probe with the evidence at least `distance` tokens before the question, or None when the
     filler available (fillers: (path, tokens incl. header), in order) is too short to reach it."""
     kind, subject, answer, evidence, _, wrong = candidate

@@ -158,8 +158,9 @@ def generate(model, tokenizer, prompts: list, max_tokens: int, progress=None, ta
         if tally is not None:
             tally.update(prefilled=len(prompt) - keep, reused=keep)
         ids = []
-        steps = generate_step(mx.array(prompt[keep:]), model, prompt_cache=cache, max_tokens=max_tokens,
-                              prefill_step_size=PREFILL_CHUNK)  # fmt: skip
+        steps = generate_step(
+            mx.array(prompt[keep:]), model, prompt_cache=cache, max_tokens=max_tokens, prefill_step_size=PREFILL_CHUNK
+        )
         for token, _ in steps:
             if token in stop:
                 break
@@ -205,8 +206,9 @@ def measure(model, tokenizer, bench: Benchmark, name: str, max_tokens: int, log=
         if slot.setdefault(bench.prompts[key].tokens.tobytes(), len(unique)) == len(unique):
             unique.append(key)
     started = time.perf_counter()
-    with progress_bars.bar(total=len(unique), desc=f"{name}: completion", unit="line", enabled=progress,
-                           leave=False) as bar:  # fmt: skip
+    with progress_bars.bar(
+        total=len(unique), desc=f"{name}: completion", unit="line", enabled=progress, leave=False
+    ) as bar:
         tally = Counter()
         done = generate(model, tokenizer, [bench.prompts[k].tokens for k in unique], max_tokens, bar, tally)
     results = {}
@@ -241,9 +243,13 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
 
     def keys(model, mode, budget, kind, also=None):
         """Targets of a kind measured in (mode, budget), and in `also` = (model, mode) too if given."""
-        return [(i, mode, budget) for i, t in enumerate(targets)
-                if t.kind == kind and (i, mode, budget) in results[model]
-                and (also is None or (i, also[1], budget) in results[also[0]])]  # fmt: skip
+        return [
+            (i, mode, budget)
+            for i, t in enumerate(targets)
+            if t.kind == kind
+            and (i, mode, budget) in results[model]
+            and (also is None or (i, also[1], budget) in results[also[0]])
+        ]
 
     def stats(scores, chosen, minus=None) -> dict:
         """Each metric's mean over `chosen` with its CI; minus: the same targets' other scores to subtract."""
@@ -315,9 +321,11 @@ def headline(rows: list) -> str | None:
     if set(by) != {"base", "adapted"}:
         return None
     b, a = by["base"], by["adapted"]
-    return (f"exact match on held-out cross-file lines: base {b['em']:.1%} -> adapted {a['em']:.1%} "
-            f"(edit similarity {b['es']:.3f} -> {a['es']:.3f}; {a['targets']} lines, in-file context, "
-            f"{top:,} tokens)")  # fmt: skip
+    return (
+        f"exact match on held-out cross-file lines: base {b['em']:.1%} -> adapted {a['em']:.1%} "
+        f"(edit similarity {b['es']:.3f} -> {a['es']:.3f}; {a['targets']} lines, in-file context, "
+        f"{top:,} tokens)"
+    )
 
 
 def section(bench: Benchmark, results: dict, opts: CompletionOptions, wall_s: float) -> dict:

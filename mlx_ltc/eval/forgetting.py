@@ -28,8 +28,10 @@ def sample(tokenizer, tokens: int, seq_len: int, root: Path | None = None) -> tu
     if not root.is_dir():
         raise UserError(f"forgetting check: no standard library at {root}")
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*.py")]
-    paths = sorted((p for p in paths if not LEFT_OUT & set(p.split("/")[:-1])),
-                   key=lambda p: hashlib.sha256(p.encode()).hexdigest())  # fmt: skip
+    paths = sorted(
+        (p for p in paths if not LEFT_OUT & set(p.split("/")[:-1])),
+        key=lambda p: hashlib.sha256(p.encode()).hexdigest(),
+    )
     encode, mark = formats.Encoder(tokenizer), markers(tokenizer)
     stream, used = [], []
     for path in paths:
@@ -47,6 +49,11 @@ def sample(tokenizer, tokens: int, seq_len: int, root: Path | None = None) -> tu
     rows = [flat[s : s + seq_len] for s in range(0, len(flat), seq_len)]
     rows = [r for r in rows if len(r) > 1]
     version = f"Python {sys.version_info.major}.{sys.version_info.minor}"
-    info = {"source": f"the {version} standard library", "root": str(root), "files": used, "tokens": len(flat),
-            "seq_len": seq_len}  # fmt: skip
+    info = {
+        "source": f"the {version} standard library",
+        "root": str(root),
+        "files": used,
+        "tokens": len(flat),
+        "seq_len": seq_len,
+    }
     return Split.from_rows(rows), info

@@ -84,12 +84,14 @@ def by_bucket(scores: list) -> list:
     out = []
     for b in sorted({s.bucket for s in scores}):
         mine = [s for s in scores if s.bucket == b]
-        out.append({
-            "distance": b,
-            "probes": len(mine),
-            "accuracy": sum(s.rank == 1 for s in mine) / len(mine),
-            "answer_nll": float(np.mean([s.answer_nll for s in mine])),
-            "mrr": float(np.mean([1 / s.rank for s in mine])),
-            "chance": float(np.mean([1 / s.choices for s in mine])),
-        })  # fmt: skip
+        out.append(
+            {
+                "distance": b,
+                "probes": len(mine),
+                "accuracy": sum(s.rank == 1 for s in mine) / len(mine),
+                "answer_nll": float(np.mean([s.answer_nll for s in mine])),
+                "mrr": float(np.mean([1 / s.rank for s in mine])),
+                "chance": float(np.mean([1 / s.choices for s in mine])),
+            }
+        )
     return out

@@ -48,8 +48,11 @@ def markdown(report: dict, name: str) -> str:
         t = report.get("train", {})
         repo = Path(report.get("repo", "")).name
         length = report.get("data", {}).get("seq_len") or ev.get("seq_len", 0)
-        lines += [f"Model `{report['model']}`, fine-tuned on `{repo}` for {t.get('steps', '?')} steps "
-                  f"({t.get('tokens', 0):,} tokens) at length {length:,}.", ""]  # fmt: skip
+        lines += [
+            f"Model `{report['model']}`, fine-tuned on `{repo}` for {t.get('steps', '?')} steps "
+            f"({t.get('tokens', 0):,} tokens) at length {length:,}.",
+            "",
+        ]
     if "completion" in ev:
         lines += _completion_md(ev)
     if "perplexity" in ev:
@@ -71,14 +74,18 @@ def _completion_md(ev: dict) -> list:
     info, rows = ev["completion_info"], ev["completion"]
     kinds = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
     n, splits = sum(info["targets"].values()), " and ".join(info["splits"])
-    lines = ["## Completion of held-out code", "",
-             f"{n} lines of {info['target_files']} held-out files ({splits} split): "
-             f"{info['targets']['cross_file_line']} cross-file lines (they use a name defined in a file "
-             f"their file imports) and {info['targets']['random_line']} random code lines, completed greedily to "
-             f"the end of the line (at most {info['max_tokens']} tokens). Modes: `in_file` (the file's text before "
-             "the line), `cross_file` (its dependencies in the training format too), `fim` (and the text after "
-             "it). Budget: prompt tokens. EM: exact match (whitespace normalised), ES: edit similarity, "
-             "identifier F1; [95% CI] by resampling files.", ""]  # fmt: skip
+    lines = [
+        "## Completion of held-out code",
+        "",
+        f"{n} lines of {info['target_files']} held-out files ({splits} split): "
+        f"{info['targets']['cross_file_line']} cross-file lines (they use a name defined in a file "
+        f"their file imports) and {info['targets']['random_line']} random code lines, completed greedily to "
+        f"the end of the line (at most {info['max_tokens']} tokens). Modes: `in_file` (the file's text before "
+        "the line), `cross_file` (its dependencies in the training format too), `fim` (and the text after "
+        "it). Budget: prompt tokens. EM: exact match (whitespace normalised), ES: edit similarity, "
+        "identifier F1; [95% CI] by resampling files.",
+        "",
+    ]
     lines += [f"Note: {note}." for note in info.get("notes", [])] + ([""] if info.get("notes") else [])
     order = sorted(rows, key=lambda r: (r["kind"], r["mode"], r["budget"], r["model"] != "base"))
     table = [[kinds[r["kind"]], r["mode"], f"{r['budget']:,}", r["model"], r["targets"],
@@ -90,22 +97,33 @@ def _completion_md(ev: dict) -> list:
     lines += _table(header, table) + [""]
     paired = ev.get("completion_paired", [])
     if paired:
-        lines += ["Paired differences (percentage points; the same lines on both sides; `cross_file - in_file` "
-                  "over the lines whose cross-file prompt had other files in it):", ""]  # fmt: skip
+        lines += [
+            "Paired differences (percentage points; the same lines on both sides; `cross_file - in_file` "
+            "over the lines whose cross-file prompt had other files in it):",
+            "",
+        ]
         table = [[p["compare"], kinds[p["kind"]], p.get("mode") or p.get("model"), f"{p['budget']:,}", p["targets"],
                   _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]), _signed(p["id_f1"], p["id_f1_ci"])]
                  for p in paired]  # fmt: skip
         lines += _table(["difference", "lines", "mode / model", "budget", "n", "EM", "ES", "id F1"], table) + [""]
-    lines += [f"Each line with every model's completion: `{EVAL_RECORDS}`.", "",
-              "![completion](plots/completion.png)", ""]  # fmt: skip
+    lines += [
+        f"Each line with every model's completion: `{EVAL_RECORDS}`.",
+        "",
+        "![completion](plots/completion.png)",
+        "",
+    ]
     return lines
 
 
 def _classic_md(ev: dict) -> list:
     models = ev["models"]
-    lines = ["## Perplexity", "",
-             "Token-weighted over each split's real tokens (no prefix, no padding); held-out files and the commit "
-             "chains of those files separately.", ""]  # fmt: skip
+    lines = [
+        "## Perplexity",
+        "",
+        "Token-weighted over each split's real tokens (no prefix, no padding); held-out files and the commit "
+        "chains of those files separately.",
+        "",
+    ]
     rows = []
     for split in ev["perplexity"][models[-1]]:
         for kind in ("all", "file", "chain"):
@@ -124,19 +142,26 @@ def _classic_md(ev: dict) -> list:
     lines += [""]
     forgot = ev.get("forgetting")
     if forgot:
-        lines += ["## Outside the repository", "",
-                  f"Perplexity of {forgot['tokens']:,} tokens of {forgot['source']} ({forgot['files']} files), "
-                  f"code the fine-tune never saw, in windows of {forgot['seq_len']:,} tokens.", ""]  # fmt: skip
+        lines += [
+            "## Outside the repository",
+            "",
+            f"Perplexity of {forgot['tokens']:,} tokens of {forgot['source']} ({forgot['files']} files), "
+            f"code the fine-tune never saw, in windows of {forgot['seq_len']:,} tokens.",
+            "",
+        ]
         cells = [f"{forgot[m]['ppl']:.3f}" for m in models]
         if len(models) == 2:
             cells.append(f"{(forgot['adapted']['ppl'] / forgot['base']['ppl'] - 1):+.1%}")
         lines += _table([*models] + (["change"] if len(models) == 2 else []), [cells]) + [""]
 
     ctx = ev["context"]
-    lines += ["## Context use", "",
-              "Perplexity at each evaluation length: windows of that length, back to back over the same "
-              f"{ctx[models[-1]]['tokens']:,} test-split tokens. The model trained at {ev['seq_len']:,}.",
-              ""]  # fmt: skip
+    lines += [
+        "## Context use",
+        "",
+        "Perplexity at each evaluation length: windows of that length, back to back over the same "
+        f"{ctx[models[-1]]['tokens']:,} test-split tokens. The model trained at {ev['seq_len']:,}.",
+        "",
+    ]
     rows = [[f"{n:,}"] + [f"{ctx[m]['ppl'][i]:.3f}" for m in models] for i, n in enumerate(ctx[models[-1]]["lengths"])]
     lines += _table(["length", *models], rows) + [""]
     lines += ["Mean NLL (nats) by target position, at the longest length:", ""]
@@ -149,21 +174,30 @@ def _classic_md(ev: dict) -> list:
     lines += ["![perplexity vs length](plots/ppl_vs_length.png)", ""]
 
     qa = ev["qa"]
-    lines += ["## Repo QA", "",
-              f"The {ev['qa_split']} split's probes: the answer is right when it has the lowest total NLL "
-              "among itself and its distractors.", ""]  # fmt: skip
+    lines += [
+        "## Repo QA",
+        "",
+        f"The {ev['qa_split']} split's probes: the answer is right when it has the lowest total NLL "
+        "among itself and its distractors.",
+        "",
+    ]
     rows = []
     for i, b in enumerate(qa[models[-1]]["buckets"]):
-        rows.append([f"{b['distance']:,}", b["probes"], f"{b['chance']:.0%}"]
-                    + [f"{qa[m]['buckets'][i]['accuracy']:.0%} / {qa[m]['buckets'][i]['answer_nll']:.3f}"
-                       for m in models])  # fmt: skip
+        rows.append(
+            [f"{b['distance']:,}", b["probes"], f"{b['chance']:.0%}"]
+            + [f"{qa[m]['buckets'][i]['accuracy']:.0%} / {qa[m]['buckets'][i]['answer_nll']:.3f}" for m in models]
+        )
     lines += _table(["distance ≥", "probes", "chance"] + [f"{m}: accuracy / answer NLL" for m in models], rows)
     lines += ["", "![QA vs distance](plots/qa_vs_distance.png)", ""]
 
     src = ev["stream_source"]
-    lines += ["## Streaming", "",
-              f"{src['tokens']:,} tokens of the {src['kind']} ({src['path']}), prefilled in chunks through a "
-              "KV cache of the last W tokens.", ""]  # fmt: skip
+    lines += [
+        "## Streaming",
+        "",
+        f"{src['tokens']:,} tokens of the {src['kind']} ({src['path']}), prefilled in chunks through a "
+        "KV cache of the last W tokens.",
+        "",
+    ]
     rows = [
         [r["model"], f"{r['window']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}", f"{math.exp(r['nll']):.3f}",
          f"{r['tokens_per_s']:,.0f}", _gb(r["peak_bytes"])]
@@ -232,8 +266,12 @@ def plots(run_dir: Path, report: dict) -> None:
         ax.plot([b["distance"] for b in buckets], [b["accuracy"] for b in buckets], "o-", label=m)
     buckets = ev["qa"][ev["models"][-1]]["buckets"]
     ax.plot([b["distance"] for b in buckets], [b["chance"] for b in buckets], ":", color="gray", label="chance")
-    ax.set(xlabel="distance from evidence to question (tokens)", ylabel="accuracy", ylim=(0, 1.05),
-           title=f"Repo QA ({ev['qa_split']} split)")  # fmt: skip
+    ax.set(
+        xlabel="distance from evidence to question (tokens)",
+        ylabel="accuracy",
+        ylim=(0, 1.05),
+        title=f"Repo QA ({ev['qa_split']} split)",
+    )
     ax.legend(fontsize=8)
     save(fig, "qa_vs_distance")
 
@@ -241,8 +279,9 @@ def plots(run_dir: Path, report: dict) -> None:
     for m in ev["models"]:
         for w in ev["windows"]:
             pts = [r for r in ev["streaming"] if r["model"] == m and r["window"] == w]
-            ax_s.plot([r["tokens"] for r in pts], [r["peak_bytes"] / 2**30 for r in pts], "o-", ms=3,
-                      label=f"{m}, W={w:,}")  # fmt: skip
+            ax_s.plot(
+                [r["tokens"] for r in pts], [r["peak_bytes"] / 2**30 for r in pts], "o-", ms=3, label=f"{m}, W={w:,}"
+            )
     ax_s.set(xscale="log", xlabel="stream tokens", ylabel="peak memory (GB)", title="Streaming eval", ylim=(0, None))
     ax_s.legend(fontsize=8)
     if metrics.is_file():
@@ -268,8 +307,11 @@ def completion_figure(plt, ev: dict):
         for row, metric in enumerate(("em", "es")):
             ax, top = axes[row][col], 0.0
             for model, mode in series:
-                pts = sorted((r["budget"], r[metric], r[f"{metric}_ci"]) for r in rows
-                             if r["kind"] == kind and r["model"] == model and r["mode"] == mode)  # fmt: skip
+                pts = sorted(
+                    (r["budget"], r[metric], r[f"{metric}_ci"])
+                    for r in rows
+                    if r["kind"] == kind and r["model"] == model and r["mode"] == mode
+                )
                 if not pts:
                     continue
                 x = [budgets.index(p[0]) + nudge[(model, mode)] for p in pts]
@@ -283,8 +325,10 @@ def completion_figure(plt, ev: dict):
             ax.set_xlim(-0.5, len(budgets) - 0.5)
             ax.set_ylim(0, 1 if metric == "es" else min(1.0, max(0.1, 1.15 * top)))
             n = info["targets"][kind]
-            ax.set(ylabel={"em": "exact match", "es": "edit similarity"}[metric],
-                   title=f"{titles[kind]} ({n})" if row == 0 else None)  # fmt: skip
+            ax.set(
+                ylabel={"em": "exact match", "es": "edit similarity"}[metric],
+                title=f"{titles[kind]} ({n})" if row == 0 else None,
+            )
             if row == 1:
                 ax.set_xlabel("prompt budget (tokens)")
             ax.grid(alpha=0.3)
@@ -334,8 +378,11 @@ def compare(run_a: Path, run_b: Path) -> tuple:
     lines = [f"A: {run_a}", f"B: {run_b}", ""] + _table(["metric", "A", "B", "B / A"], cells)
     paired = paired_completion(run_a, run_b)
     if paired:
-        lines += ["", "Completion, B - A on the same lines (adapted models; percentage points, [95% CI] over files):",
-                  ""]  # fmt: skip
+        lines += [
+            "",
+            "Completion, B - A on the same lines (adapted models; percentage points, [95% CI] over files):",
+            "",
+        ]
         lines += _table(["lines", "mode", "budget", "n", "EM", "ES", "id F1"],
                         [[p["kind"].replace("_", " ") + "s", p["mode"], f"{p['budget']:,}", p["targets"],
                           _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]),

@@ -172,8 +172,9 @@ def _benchmark(info, cfg, meta, opts, cache_dir, model_dir):
     if not repo.is_dir():
         raise UserError(f"the completion benchmark reads the run's repository, and {repo} is gone")
     tokenizer = models.load_tokenizer(model_dir)
-    corpus = data.Corpus.cached(data.scan(repo, cfg.data.max_file_bytes), tokenizer, cfg.data, cache_dir,
-                                log=_log, progress=False)  # fmt: skip
+    corpus = data.Corpus.cached(
+        data.scan(repo, cfg.data.max_file_bytes), tokenizer, cfg.data, cache_dir, log=_log, progress=False
+    )
     return completion.Benchmark.build(corpus, meta, opts)
 
 
@@ -181,16 +182,20 @@ def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> dict:
     c = opts.completion
     started = time.perf_counter()
     t = bench.targets
-    _log(f"completion: {len(t.targets)} targets from {len({x.path for x in t.targets})} files of the "
-         f"{' and '.join(t.splits)} split(s); modes {', '.join(bench.modes)}; budgets "
-         f"{', '.join(f'{b:,}' for b in bench.budgets)}")  # fmt: skip
+    _log(
+        f"completion: {len(t.targets)} targets from {len({x.path for x in t.targets})} files of the "
+        f"{' and '.join(t.splits)} split(s); modes {', '.join(bench.modes)}; budgets "
+        f"{', '.join(f'{b:,}' for b in bench.budgets)}"
+    )
     results = {}
     if opts.base:
-        results["base"] = completion.measure(loaded.model, loaded.tokenizer, bench, "base", c.max_tokens,
-                                             progress=opts.progress)  # fmt: skip
+        results["base"] = completion.measure(
+            loaded.model, loaded.tokenizer, bench, "base", c.max_tokens, progress=opts.progress
+        )
     _adapt(loaded, run_dir)
-    results["adapted"] = completion.measure(loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens,
-                                            progress=opts.progress)  # fmt: skip
+    results["adapted"] = completion.measure(
+        loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens, progress=opts.progress
+    )
     atomic.write_jsonl(run_dir / report.EVAL_RECORDS, completion.records(bench, results))  # train's stay
     return completion.section(bench, results, c, time.perf_counter() - started)
 

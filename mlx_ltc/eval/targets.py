@@ -117,8 +117,12 @@ def candidates(corpus, path: str) -> list:
         if role != "blank":
             stripped = line.decode("utf-8", "replace")
             visible = "".join(stripped.split())
-            if (role == "code" and last_end is not None and len(visible) >= MIN_CHARS
-                    and any(c.isalnum() for c in visible)):  # fmt: skip
+            if (
+                role == "code"
+                and last_end is not None
+                and len(visible) >= MIN_CHARS
+                and any(c.isalnum() for c in visible)
+            ):
                 used = tuple(sorted({n for n in IDENTIFIER.findall(stripped) if n in names}))
                 out.append((i, stripped.rstrip("\r"), used, last_end, end))
             last_end = end
@@ -134,8 +138,10 @@ def select(corpus, usable: dict, n: int, seed: int = 0, per_file: int = 0, min_f
         raise UserError(f"completion targets must be at least 2 (one of each kind), got {n}")
     want = {CROSS: n // 2, RANDOM: n - n // 2}
     per_split = {name: {p: candidates(corpus, p) for p in usable[name]} for name in ("test", "val")}
-    counts = lambda files: {CROSS: sum(bool(c[2]) for cs in files.values() for c in cs),  # noqa: E731
-                            RANDOM: sum(len(cs) for cs in files.values())}  # fmt: skip
+    counts = lambda files: {
+        CROSS: sum(bool(c[2]) for cs in files.values() for c in cs),  # noqa: E731
+        RANDOM: sum(len(cs) for cs in files.values()),
+    }
     drawable = lambda files: sum(bool(cs) for cs in files.values())  # noqa: E731
     splits, files = ["test"], dict(per_split["test"])
     short = any(counts(files)[k] < want[k] for k in KINDS) or drawable(files) < min_files

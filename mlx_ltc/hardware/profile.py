@@ -280,11 +280,15 @@ def run_profile(
         log(f"profile: cached result from {hit['created']} (--force to measure again)")
         return hit
 
-    log(f"profile: {info['backend']} ({info['device_name']}), {info['cores']} cores, "
-        f"{format_size(info['total_memory'])} RAM, budget {format_size(budget)}")  # fmt: skip
+    log(
+        f"profile: {info['backend']} ({info['device_name']}), {info['cores']} cores, "
+        f"{format_size(info['total_memory'])} RAM, budget {format_size(budget)}"
+    )
     small = 256 if info["backend"] == "cpu" else 1024
-    gflops = {k: round(matmul_gflops(k, small if k != "fp32" and info["backend"] == "cpu" else 1024), 1)
-              for k in ("fp32", "bf16", "q4")}  # fmt: skip
+    gflops = {
+        k: round(matmul_gflops(k, small if k != "fp32" and info["backend"] == "cpu" else 1024), 1)
+        for k in ("fp32", "bf16", "q4")
+    }
     log(f"profile: matmul GFLOP/s {gflops}")
 
     model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
@@ -319,8 +323,10 @@ def run_profile(
     log(f"profile: searching the longest sequence (real training steps of {cfg.model.name}, batch {batch_size})")
     best, probes = search(try_len, start, max_len, granularity, log)
     if best is None:
-        raise UserError(f"no sequence length from {start} fits in {format_size(budget)} (a 128-token step peaks at "
-                        f"{format_size(smallest.peak_bytes)})")  # fmt: skip
+        raise UserError(
+            f"no sequence length from {start} fits in {format_size(budget)} (a 128-token step peaks at "
+            f"{format_size(smallest.peak_bytes)})"
+        )
     profile = Profile(
         model=cfg.model.name,
         backend=info["backend"],

@@ -172,8 +172,9 @@ class StepLog:
         }
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                             mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)  # fmt: skip
+        self.bar.set_postfix(
+            loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False
+        )
         self.bar.update(1)
 
     def result(self, trainable_params: int) -> TrainResult:

@@ -41,8 +41,11 @@ class Checkpoints:
         """Checkpoints on disk whose name starts with `prefix`, sorted (temp directories are not listed)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix)
-                      and not p.name.startswith("."))  # fmt: skip
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and p.name.startswith(prefix) and not p.name.startswith(".")
+        )
 
     def write(self, name, arrays: dict, state: dict) -> Path:
         """arrays: {file stem: {key: mx.array}}, each saved as STEM.safetensors."""

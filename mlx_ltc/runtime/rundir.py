@@ -51,8 +51,10 @@ class RunDir:
             raise UserError(f"{out} holds an unfinished run; pass --overwrite to replace it")
         differ = changed(out)
         if differ:
-            raise UserError(f"{out} holds {self.kind} with other settings ({', '.join(differ)}); "
-                            "choose another --out or pass --overwrite")  # fmt: skip
+            raise UserError(
+                f"{out} holds {self.kind} with other settings ({', '.join(differ)}); "
+                "choose another --out or pass --overwrite"
+            )
         return CONTINUE
 
     def create(self, verdict: str) -> None:

@@ -71,8 +71,9 @@ class Orchestrator:
         s.since_reduce, s.since_best = 0, 0
         return [Event(step, "reduce_lr", f"{reason}; LR factor now {s.lr_factor:g}", inputs)]
 
-    def on_eval(self, step: int, val_loss: float, train_loss: float, context_gain: float, last_phase: bool,
-                spent: float = 1.0) -> list:  # fmt: skip
+    def on_eval(
+        self, step: int, val_loss: float, train_loss: float, context_gain: float, last_phase: bool, spent: float = 1.0
+    ) -> list:
         """The decisions after an eval; `spent` is the share of the phase's budget used so far."""
         s, c = self.state, self.cfg
         previous = s.ema[-1] if s.ema else None
@@ -114,8 +115,11 @@ class Orchestrator:
         if last_phase:
             return [Event(step, "stop", why + " in the last phase", inputs)]
         if inputs["context_gain"] >= c.context_tol:
-            return [Event(step, "advance", f"{why}; the window's end is {inputs['context_gain']:.1%} below its middle",
-                          inputs)]  # fmt: skip
+            return [
+                Event(
+                    step, "advance", f"{why}; the window's end is {inputs['context_gain']:.1%} below its middle", inputs
+                )
+            ]
         if s.since_best == 0:  # report a hold once per new best, not at every eval
             return [Event(step, "hold", f"{why}, but context gain {inputs['context_gain']:.2%} < "
                           f"{c.context_tol:.0%}: longer context waits for the schedule", inputs)]  # fmt: skip
@@ -201,8 +205,9 @@ class Stability:
                 s.spike_streak += 1
                 s.spikes += 1
                 per_length["spikes"] += 1
-                events.append(Event(step, "spike", f"loss {loss:.4f} > {c.spike_factor:g} x median {median:.4f}",
-                                    inputs))  # fmt: skip
+                events.append(
+                    Event(step, "spike", f"loss {loss:.4f} > {c.spike_factor:g} x median {median:.4f}", inputs)
+                )
                 if s.spike_streak >= c.spike_limit:
                     events.append(Event(step, "unstable", f"{s.spike_streak} spikes in a row", inputs))
                 return True, events

@@ -22,19 +22,21 @@ def phase_rows(rows: list, events: list) -> list:
         mine = [r for r in rows if r["phase"] == phase]
         evals = [r for r in mine if "val_loss" in r]
         mean, std = _mean_std([r["grad_norm"] for r in mine])
-        out.append({
-            "phase": phase,
-            "seq_len": mine[0]["seq_len"],
-            "steps": f"{mine[0]['step']}-{mine[-1]['step']}",
-            "updates": len(mine),
-            "final_train_loss": mine[-1]["loss"],
-            "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
-            "context_gain": evals[-1]["context_gain"] if evals else math.nan,
-            "spikes": sum(e["kind"] == "spike" and e["phase"] + 1 == phase for e in events),
-            "skipped": sum(e["kind"] == "skip" and e["phase"] + 1 == phase for e in events),
-            "grad_norm_mean": mean,
-            "grad_norm_std": std,
-        })  # fmt: skip
+        out.append(
+            {
+                "phase": phase,
+                "seq_len": mine[0]["seq_len"],
+                "steps": f"{mine[0]['step']}-{mine[-1]['step']}",
+                "updates": len(mine),
+                "final_train_loss": mine[-1]["loss"],
+                "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
+                "context_gain": evals[-1]["context_gain"] if evals else math.nan,
+                "spikes": sum(e["kind"] == "spike" and e["phase"] + 1 == phase for e in events),
+                "skipped": sum(e["kind"] == "skip" and e["phase"] + 1 == phase for e in events),
+                "grad_norm_mean": mean,
+                "grad_norm_std": std,
+            }
+        )
     return out
 
 
@@ -47,37 +49,49 @@ def length_rows(rows: list, by_length: dict) -> list:
         g = s["grad"]
         evals = [r for r in rows if r["seq_len"] == int(length) and "val_loss" in r]
         n = g["n"]
-        out.append({
-            "seq_len": int(length),
-            "updates": n,
-            "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
-            "spikes": s["spikes"],
-            "skipped": s["skipped"],
-            "grad_norm_mean": g["mean"],
-            "grad_norm_std": math.sqrt(g["m2"] / (n - 1)) if n > 1 else 0.0,
-            "grad_norm_min": g["min"] if n else math.nan,
-            "grad_norm_max": g["max"] if n else math.nan,
-        })  # fmt: skip
+        out.append(
+            {
+                "seq_len": int(length),
+                "updates": n,
+                "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
+                "spikes": s["spikes"],
+                "skipped": s["skipped"],
+                "grad_norm_mean": g["mean"],
+                "grad_norm_std": math.sqrt(g["m2"] / (n - 1)) if n > 1 else 0.0,
+                "grad_norm_min": g["min"] if n else math.nan,
+                "grad_norm_max": g["max"] if n else math.nan,
+            }
+        )
     return out
 
 
 def tables(phases: list, lengths: list, counts: dict) -> str:
-    lines = ["per phase (ppl: the eval slice at the phase's length):",
-             f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
-             f"{'spikes':>6} {'skipped':>7} {'grad norm':>17}"]  # fmt: skip
+    lines = [
+        "per phase (ppl: the eval slice at the phase's length):",
+        f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
+        f"{'spikes':>6} {'skipped':>7} {'grad norm':>17}",
+    ]
     for p in phases:
-        lines.append(f"  {p['phase']:>5} {p['seq_len']:>7,} {p['steps']:>11} {p['final_val_ppl']:>10.3f} "
-                     f"{p['context_gain']:>+9.2%} {p['spikes']:>6} {p['skipped']:>7} "
-                     f"{p['grad_norm_mean']:>8.3f} ± {p['grad_norm_std']:<6.3f}")  # fmt: skip
-    lines += ["per length (every attempt, rolled-back ones included):",
-              f"  {'length':>7} {'updates':>8} {'final ppl':>10} {'spikes':>6} {'skipped':>7} "
-              f"{'grad norm mean ± std':>22} {'min':>7} {'max':>7}"]  # fmt: skip
+        lines.append(
+            f"  {p['phase']:>5} {p['seq_len']:>7,} {p['steps']:>11} {p['final_val_ppl']:>10.3f} "
+            f"{p['context_gain']:>+9.2%} {p['spikes']:>6} {p['skipped']:>7} "
+            f"{p['grad_norm_mean']:>8.3f} ± {p['grad_norm_std']:<6.3f}"
+        )
+    lines += [
+        "per length (every attempt, rolled-back ones included):",
+        f"  {'length':>7} {'updates':>8} {'final ppl':>10} {'spikes':>6} {'skipped':>7} "
+        f"{'grad norm mean ± std':>22} {'min':>7} {'max':>7}",
+    ]
     for r in lengths:
-        lines.append(f"  {r['seq_len']:>7,} {r['updates']:>8} {r['final_val_ppl']:>10.3f} {r['spikes']:>6} "
-                     f"{r['skipped']:>7} {r['grad_norm_mean']:>13.3f} ± {r['grad_norm_std']:<6.3f} "
-                     f"{r['grad_norm_min']:>7.3f} {r['grad_norm_max']:>7.3f}")  # fmt: skip
-    lines.append(f"stability: {counts['spikes']} loss spikes, {counts['skipped']} non-finite updates skipped, "
-                 f"{counts['rollbacks']} rollbacks")  # fmt: skip
+        lines.append(
+            f"  {r['seq_len']:>7,} {r['updates']:>8} {r['final_val_ppl']:>10.3f} {r['spikes']:>6} "
+            f"{r['skipped']:>7} {r['grad_norm_mean']:>13.3f} ± {r['grad_norm_std']:<6.3f} "
+            f"{r['grad_norm_min']:>7.3f} {r['grad_norm_max']:>7.3f}"
+        )
+    lines.append(
+        f"stability: {counts['spikes']} loss spikes, {counts['skipped']} non-finite updates skipped, "
+        f"{counts['rollbacks']} rollbacks"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -124,8 +138,11 @@ def plot(rows: list, events: list, path: Path) -> None:
     ax_len.set_ylabel("sequence length")
     ax_len.set_xlabel("optimizer step")
     starts = [r["step"] for prev, r in zip(rows, rows[1:]) if r["phase"] != prev["phase"]]
-    marks = {"rollback": ("tab:red", "rollback"), "reduce_lr": ("tab:orange", "LR reduced"),
-             "restore_best": ("tab:purple", "best restored")}  # fmt: skip
+    marks = {
+        "rollback": ("tab:red", "rollback"),
+        "reduce_lr": ("tab:orange", "LR reduced"),
+        "restore_best": ("tab:purple", "best restored"),
+    }
     for ax in (ax_loss, ax_lr, ax_len):
         for s in starts:
             ax.axvline(s, color="gray", ls="--", lw=0.8)

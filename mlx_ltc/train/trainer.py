@@ -56,8 +56,9 @@ def _log(msg):
 
 
 class Trainer:
-    def __init__(self, model, train_split: Split, val_split: Split, cfg: Config, run_dir: Path, log=_log,
-                 progress: bool = True):  # fmt: skip
+    def __init__(
+        self, model, train_split: Split, val_split: Split, cfg: Config, run_dir: Path, log=_log, progress: bool = True
+    ):
         if len(train_split) == 0:
             raise UserError("the training split is empty")
         self.model, self.train_split, self.cfg, self.log, self.progress = model, train_split, cfg, log, progress
@@ -165,17 +166,21 @@ class Trainer:
         if max_steps == done + plan[-1]["steps"]:
             return
         if max_steps <= self.state.step or max_steps <= done:
-            raise UserError(f"--max-steps {max_steps}: the run is already at step {self.state.step} "
-                            f"(its last phase starts after step {done})")  # fmt: skip
+            raise UserError(
+                f"--max-steps {max_steps}: the run is already at step {self.state.step} "
+                f"(its last phase starts after step {done})"
+            )
         plan[-1]["steps"] = max_steps - done
         if self.state.done == "schedule":
             self.state.done = None
 
     def _describe_plan(self) -> None:
         for p in self.plan:
-            self.log(f"phase {p.index + 1}/{len(self.plan)}: {p.steps} updates at {p.seq_len:,} tokens "
-                     f"({p.micro_batch} x {p.grad_accum} sequences per update), LR x{p.lr_mult:g}, "
-                     f"easiest {p.band:.0%} of the sequences")  # fmt: skip
+            self.log(
+                f"phase {p.index + 1}/{len(self.plan)}: {p.steps} updates at {p.seq_len:,} tokens "
+                f"({p.micro_batch} x {p.grad_accum} sequences per update), LR x{p.lr_mult:g}, "
+                f"easiest {p.band:.0%} of the sequences"
+            )
 
     # --- events --------------------------------------------------------------------------------
     def _event(self, event: Event, show: bool = True) -> None:
@@ -364,8 +369,10 @@ class Trainer:
     def _rollback(self) -> None:
         st = self.stability.state
         if st.rollbacks >= self.cfg.stability.max_rollbacks:
-            raise UserError(f"training is unstable: {st.rollbacks} rollbacks, {st.spikes} loss spikes, {st.skipped} "
-                            f"non-finite updates; lower train.lr (run kept in {self.run_dir})")  # fmt: skip
+            raise UserError(
+                f"training is unstable: {st.rollbacks} rollbacks, {st.spikes} loss spikes, {st.skipped} "
+                f"non-finite updates; lower train.lr (run kept in {self.run_dir})"
+            )
         found = self.checkpoints.load(at_most=self.state.step, good_only=True)
         if found is None:
             raise UserError(f"training is unstable and {self.run_dir} has no good checkpoint to roll back to")

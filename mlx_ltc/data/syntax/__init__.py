@@ -39,8 +39,12 @@ class Syntax:
     errors: bool = False  # the tree has ERROR or MISSING nodes
 
     def to_dict(self) -> dict:  # dataclasses.asdict deep-copies: 10x slower on big files
-        return {"language": self.language, "imports": self.imports, "errors": self.errors,
-                "definitions": [vars(d) for d in self.definitions]}  # fmt: skip
+        return {
+            "language": self.language,
+            "imports": self.imports,
+            "errors": self.errors,
+            "definitions": [vars(d) for d in self.definitions],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Syntax":

@@ -71,10 +71,17 @@ def tokenize(root: Path, tokenizer, val_share: float = 0.05, max_tokens: int = 0
         streams[side].append(tokens)
         counts[side] += 1
     train, val = (np.concatenate(s) if s else np.zeros(0, np.int32) for s in (streams["train"], streams["val"]))
-    info = {"root": str(root.resolve()), "files": counts, "tokens": {"train": len(train), "val": len(val)},
-            "tokenizer_hash": data.tokenizer_hash(tokenizer), "vocab_size": len(tokenizer)}  # fmt: skip
-    log(f"corpus: {root}: {counts['train']:,} train files ({len(train):,} tokens), "
-        f"{counts['val']:,} val files ({len(val):,} tokens)")  # fmt: skip
+    info = {
+        "root": str(root.resolve()),
+        "files": counts,
+        "tokens": {"train": len(train), "val": len(val)},
+        "tokenizer_hash": data.tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+    }
+    log(
+        f"corpus: {root}: {counts['train']:,} train files ({len(train):,} tokens), "
+        f"{counts['val']:,} val files ({len(val):,} tokens)"
+    )
     return Corpus(train, val, info)
 
 

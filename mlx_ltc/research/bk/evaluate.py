@@ -56,9 +56,14 @@ def stream_eval(model, tokens: np.ndarray, chunk: int = 4096, marks=None, progre
     for nll in chunk_nll(model, tokens, chunk):
         while pending and pending[0] - 1 <= count + len(nll):  # a mark inside this chunk: exact
             seen = pending.pop(0) - 1
-            points.append(StreamPoint(tokens=seen + 1, nll=(total + float(nll[: seen - count].sum())) / max(seen, 1),
-                                      peak_bytes=int(mx.get_peak_memory()),
-                                      tokens_per_s=(seen + 1) / max(time.perf_counter() - began, 1e-9)))  # fmt: skip
+            points.append(
+                StreamPoint(
+                    tokens=seen + 1,
+                    nll=(total + float(nll[: seen - count].sum())) / max(seen, 1),
+                    peak_bytes=int(mx.get_peak_memory()),
+                    tokens_per_s=(seen + 1) / max(time.perf_counter() - began, 1e-9),
+                )
+            )
         total += float(nll.sum())
         count += len(nll)
         if progress is not None:
@@ -97,17 +102,27 @@ def evaluate_run(run_dir: Path, stream_tokens: int, corpus: Path | None = None, 
     source["tokens"] = len(tokens)
     if stream_tokens and len(tokens) < stream_tokens:
         log(f"bk eval: the stream source holds {len(tokens):,} tokens, fewer than --stream-tokens {stream_tokens:,}")
-    with progress_bars.bar(total=len(tokens) - 1, desc="bk stream", unit="tok", unit_scale=True,
-                           enabled=progress, leave=False) as bar:  # fmt: skip
+    with progress_bars.bar(
+        total=len(tokens) - 1, desc="bk stream", unit="tok", unit_scale=True, enabled=progress, leave=False
+    ) as bar:
         points = stream_eval(model, tokens, chunk, progress=bar)
-    return {"run": str(run_dir), "checkpoint_seq_len": state["seq_len"], "chunk": chunk, "source": source,
-            "points": [asdict(p) for p in points]}  # fmt: skip
+    return {
+        "run": str(run_dir),
+        "checkpoint_seq_len": state["seq_len"],
+        "chunk": chunk,
+        "source": source,
+        "points": [asdict(p) for p in points],
+    }
 
 
 def table(result: dict) -> str:
-    lines = [f"stream of the length-{result['checkpoint_seq_len']:,} checkpoint, chunks of {result['chunk']:,}:",
-             f"{'tokens':>10} {'nll':>8} {'ppl':>10} {'tokens/s':>10} {'peak MB':>9}"]  # fmt: skip
+    lines = [
+        f"stream of the length-{result['checkpoint_seq_len']:,} checkpoint, chunks of {result['chunk']:,}:",
+        f"{'tokens':>10} {'nll':>8} {'ppl':>10} {'tokens/s':>10} {'peak MB':>9}",
+    ]
     for p in result["points"]:
-        lines.append(f"{p['tokens']:>10,} {p['nll']:>8.4f} {np.exp(min(p['nll'], 700)):>10.3f} "
-                     f"{p['tokens_per_s']:>10,.0f} {p['peak_bytes'] / 2**20:>9.1f}")  # fmt: skip
+        lines.append(
+            f"{p['tokens']:>10,} {p['nll']:>8.4f} {np.exp(min(p['nll'], 700)):>10.3f} "
+            f"{p['tokens_per_s']:>10,.0f} {p['peak_bytes'] / 2**20:>9.1f}"
+        )
     return "\n".join(lines) + "\n"

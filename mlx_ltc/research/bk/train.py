@@ -164,8 +164,12 @@ def check_out(out: Path, settings: dict, overwrite: bool) -> tuple:
             old = json.loads((out / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise UserError(f"{out}/run.json is unreadable; pass --overwrite to start the run again") from None
-        differ = [f"{section}.{k}" for section in settings for k in settings[section]
-                  if k != "seq_lens" and old.get(section, {}).get(k) != settings[section][k]]  # fmt: skip
+        differ = [
+            f"{section}.{k}"
+            for section in settings
+            for k in settings[section]
+            if k != "seq_lens" and old.get(section, {}).get(k) != settings[section][k]
+        ]
         old_lens = [s["seq_len"] for s in _finished(out)]
         if settings["train"]["seq_lens"][: len(old_lens)] != old_lens:
             differ.append("train.seq_lens (the finished lengths must start the list)")
@@ -258,8 +262,10 @@ class LengthRun:
         loss, norm = loss.item(), norm.item()
         apply, events = self.stability.check(self.step + 1, loss, norm, batch.shape[1] - 1)
         if any(e.kind == "unstable" for e in events):
-            raise UserError(f"training diverged at update {self.step + 1}: {events[-1].reason}; lower --lr "
-                            f"(the finished lengths' checkpoints are in {self.out / 'checkpoints'})")  # fmt: skip
+            raise UserError(
+                f"training diverged at update {self.step + 1}: {events[-1].reason}; lower --lr "
+                f"(the finished lengths' checkpoints are in {self.out / 'checkpoints'})"
+            )
         if apply:
             self.optimizer.learning_rate = lr
             self.optimizer.update(self.model, grads)
@@ -287,8 +293,9 @@ class LengthRun:
             first = partial["length_step"]
         mx.synchronize()
         mx.reset_peak_memory()
-        bar = progress_bars.bar(total=phase.steps, initial=first, desc=f"bk L={n:,}", unit="step",
-                                enabled=self.progress)  # fmt: skip
+        bar = progress_bars.bar(
+            total=phase.steps, initial=first, desc=f"bk L={n:,}", unit="step", enabled=self.progress
+        )
         with bar:
             for i in range(first, phase.steps):
                 started = time.perf_counter()
@@ -305,13 +312,19 @@ class LengthRun:
                         "peak_bytes": int(mx.get_peak_memory())}  # fmt: skip
                 if metrics is not None:
                     metrics.append(line)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{line['tokens_per_s']:.0f}",
-                                mem=f"{line['peak_bytes'] / 2**30:.2f}GB", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    tok_s=f"{line['tokens_per_s']:.0f}",
+                    mem=f"{line['peak_bytes'] / 2**30:.2f}GB",
+                    refresh=False,
+                )
                 bar.update(1)
                 if self.stop.requested and i + 1 < phase.steps:
                     self._save_partial(phase, i + 1, rng, losses, tokens, train_s)
-                    raise Interrupted(f"interrupted: saved length {n:,} after update {i + 1} of {phase.steps} in "
-                                      f"{_partial_dir(self.out)}; run the same command again to continue")  # fmt: skip
+                    raise Interrupted(
+                        f"interrupted: saved length {n:,} after update {i + 1} of {phase.steps} in "
+                        f"{_partial_dir(self.out)}; run the same command again to continue"
+                    )
         peak = int(mx.get_peak_memory())
         self.model.eval()
         v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch, self.opts.train_chunk)
@@ -356,19 +369,28 @@ def _fmt(x, spec):
 
 def summary_table(rows: list) -> str:
     """The design's table: length, final (val) perplexity, spikes, grad norm mean +- std."""
-    lines = [f"{'length':>8} {'final ppl':>10} {'spikes':>6} {'non-finite':>10} {'grad norm mean ± std':>22} "
-             f"{'tokens/s':>9} {'peak GB':>8}"]  # fmt: skip
+    lines = [
+        f"{'length':>8} {'final ppl':>10} {'spikes':>6} {'non-finite':>10} {'grad norm mean ± std':>22} "
+        f"{'tokens/s':>9} {'peak GB':>8}"
+    ]
     for r in rows:
         grad = f"{_fmt(r['grad_norm_mean'], '.3f')} ± {_fmt(r['grad_norm_std'], '.3f')}"
-        lines.append(f"{r['seq_len']:>8,} {_fmt(r['val_ppl'], '.3f'):>10} {r['spikes']:>6} {r['nonfinite']:>10} "
-                     f"{grad:>22} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**30:>8.2f}")  # fmt: skip
+        lines.append(
+            f"{r['seq_len']:>8,} {_fmt(r['val_ppl'], '.3f'):>10} {r['spikes']:>6} {r['nonfinite']:>10} "
+            f"{grad:>22} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**30:>8.2f}"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _write_results(out: Path, settings: dict, rows: list, started: float) -> str:
     table = summary_table(rows)
-    results = {**settings, "lengths": rows, "nonfinite": sum(r["nonfinite"] for r in rows),
-               "spikes": sum(r["spikes"] for r in rows), "wall_s": time.perf_counter() - started}  # fmt: skip
+    results = {
+        **settings,
+        "lengths": rows,
+        "nonfinite": sum(r["nonfinite"] for r in rows),
+        "spikes": sum(r["spikes"] for r in rows),
+        "wall_s": time.perf_counter() - started,
+    }
     atomic.write_json(out / "results.json", results)
     atomic.write_text(out / "summary.txt", table)
     return table
@@ -392,8 +414,9 @@ def train(
         inside = f"; length {partial['seq_len']:,} continues after update {partial['length_step']}" if partial else ""
         log(f"resuming {out}: finished lengths: {finished}{inside}")
     else:
-        corpus = data.tokenize(Path(corpus_opts.root), data.load_tokenizer(cache_dir), corpus_opts.val_share,
-                               corpus_opts.max_tokens, log)  # fmt: skip
+        corpus = data.tokenize(
+            Path(corpus_opts.root), data.load_tokenizer(cache_dir), corpus_opts.val_share, corpus_opts.max_tokens, log
+        )
     check_corpus(corpus, opts.seq_lens)
     model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **model)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -418,8 +441,10 @@ def train(
         _keep_metrics(metrics, {s["seq_len"] for s in done}, partial)
     run.rows = [s["row"] for s in done]
     n_params = sum(p.size for _, p in tree_flatten(net.parameters()))
-    log(f"model: BK core, {n_params:,} parameters, d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
-        f"vocabulary {model_cfg.vocab_size:,}")  # fmt: skip
+    log(
+        f"model: BK core, {n_params:,} parameters, d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
+        f"vocabulary {model_cfg.vocab_size:,}"
+    )
 
     net.train()
     with run.stop:
@@ -431,9 +456,11 @@ def train(
             save_checkpoint(out, net, run.optimizer, state)
             Checkpoints(out).remove(PARTIAL)
             _write_results(out, settings, run.rows, started)
-            log(f"length {phase.seq_len:,}: {row['steps']} updates of {phase.micro_batch} x {phase.seq_len:,} tokens, "
+            log(
+                f"length {phase.seq_len:,}: {row['steps']} updates of {phase.micro_batch} x {phase.seq_len:,} tokens, "
                 f"train loss {_fmt(row['final_train_loss'], '.4f')}, val ppl {_fmt(row['val_ppl'], '.3f')}, "
-                f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_bytes'] / 2**30:.2f} GB")  # fmt: skip
+                f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_bytes'] / 2**30:.2f} GB"
+            )
     table = _write_results(out, settings, run.rows, started)
     run_dir(out).complete()
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))

@@ -76,9 +76,10 @@ class Focus:
         if utility is None:
             return entries
         actions = 0
-        expand = sorted((e for e in entries if e.level > 0 and score.get(e, self.tau) > self.tau
-                         and not self._cool(_key(e))),
-                        key=lambda e: -score[e])  # fmt: skip
+        expand = sorted(
+            (e for e in entries if e.level > 0 and score.get(e, self.tau) > self.tau and not self._cool(_key(e))),
+            key=lambda e: -score[e],
+        )
         for e in expand:
             if actions >= self.n_diff:
                 break
@@ -94,8 +95,9 @@ class Focus:
                 self._act("collapse", victim)
                 actions += 1
             at = entries.index(e)
-            entries[at : at + 1] = [Entry(0, e.index)] if e.level == 1 else [Entry(1, e.index * block + j)
-                                                                             for j in range(block)]  # fmt: skip
+            entries[at : at + 1] = (
+                [Entry(0, e.index)] if e.level == 1 else [Entry(1, e.index * block + j) for j in range(block)]
+            )
             self._act("expand", e)
             actions += 1
         return entries

@@ -62,8 +62,11 @@ def features(tree, entries: list, tail: int = 4) -> tuple:
         levels.append(3)
         distance = math.log1p((end - (k + 1) * block) / block) / math.log(1024)
         geometry.append([distance, math.log(block) / math.log(1024)])
-    return (mx.array(np.stack(rows).astype(np.float32)), mx.array(np.array(levels, np.int32)),
-            mx.array(np.array(geometry, np.float32)))  # fmt: skip
+    return (
+        mx.array(np.stack(rows).astype(np.float32)),
+        mx.array(np.array(levels, np.int32)),
+        mx.array(np.array(geometry, np.float32)),
+    )
 
 
 def _alternative(tree, entries: list, e: Entry) -> list:
@@ -112,9 +115,13 @@ def lens_loss(net: LensNet, sample: dict, rank_weight=1.0, balance_weight=0.1, l
 def sample_of(tree, entries: list, labels: dict, tail: int = 4) -> dict:
     vectors, levels, geometry = features(tree, entries, tail)
     labelled = [e for e in entries if e in labels]
-    return {"vectors": vectors, "levels": levels, "geometry": geometry,
-            "index": mx.array(np.array([entries.index(e) for e in labelled], np.int32)),
-            "labels": mx.array(np.array([labels[e] for e in labelled], np.float32))}  # fmt: skip
+    return {
+        "vectors": vectors,
+        "levels": levels,
+        "geometry": geometry,
+        "index": mx.array(np.array([entries.index(e) for e in labelled], np.int32)),
+        "labels": mx.array(np.array([labels[e] for e in labelled], np.float32)),
+    }
 
 
 def train_lensnet(net: LensNet, samples: list, steps: int, lr: float = 1e-3, seed: int = 0, log=None) -> list:

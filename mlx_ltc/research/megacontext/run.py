@@ -190,8 +190,13 @@ def _phase_lens(lens, gist_net, model, train, opts, seed, log):
         labels = lensnet.counterfactual_labels(model, tree, entries, target, candidates)
         samples.append(lensnet.sample_of(tree, entries, labels, lens.tail))
         if log:
-            log({"context": k + 1, "entries": len(entries), "labels": {f"L{e.level}:{e.index}": round(v, 4)
-                 for e, v in labels.items()}})  # fmt: skip
+            log(
+                {
+                    "context": k + 1,
+                    "entries": len(entries),
+                    "labels": {f"L{e.level}:{e.index}": round(v, 4) for e, v in labels.items()},
+                }
+            )
     records = lensnet.train_lensnet(lens, samples, opts.max_steps, seed=seed, log=log)
     mse = [float(lensnet.lens_loss(lens, s)[1]["regression"].item()) for s in samples]
     return records + [{"final_regression": float(np.mean(mse))}]
@@ -302,8 +307,9 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
     if not any(len(f) >= (opts.blocks * 32 + opts.horizon) for f in train):
         raise UserError(f"repo {repo}: no train-split file of at least {opts.blocks * 32 + opts.horizon} tokens")
     if opts.l2_steps and not any(len(f) >= (32 + opts.keep) * 32 + opts.horizon for f in train):
-        raise UserError(f"--l2-steps: no train-split file of {(32 + opts.keep) * 32 + opts.horizon} tokens to "
-                        "train L2 gists on")  # fmt: skip
+        raise UserError(
+            f"--l2-steps: no train-split file of {(32 + opts.keep) * 32 + opts.horizon} tokens to train L2 gists on"
+        )
     metrics = MetricsLog(out / "metrics.jsonl")
     if verdict == CONTINUE:
         metrics.keep(lambda r: r.get("phase") in state["done"])  # an interrupted phase runs again
@@ -338,8 +344,10 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
                         log(f"{name} {json.dumps(record)}")
                     if stop.requested:
                         finished = state["done"][-1] if state["done"] else "none yet"
-                        raise Interrupted(f"interrupted in {name}; finished phases are saved (the last: {finished}); "
-                                          "run the same command again to continue")  # fmt: skip
+                        raise Interrupted(
+                            f"interrupted in {name}; finished phases are saved (the last: {finished}); "
+                            "run the same command again to continue"
+                        )
 
                 if phase == "gist":
                     records = _phase_gist(gist_net, model, train, opts, seed, step_log)
@@ -381,8 +389,10 @@ def load_run(out: Path, base_only: bool = False) -> tuple:
     except (KeyError, TypeError) as e:
         raise UserError(f"{out / 'state.json'}: not settings this version of mlx-ltc wrote ({e})") from None
     if not state["done"] or state["done"][-1] != f"cycle{opts.cycles}-lora":
-        raise UserError(f"{out}: training is unfinished (last phase {state['done'][-1] if state['done'] else 'none'}"
-                        "); rerun the same `mlx-ltc mc train` command to finish it")  # fmt: skip
+        raise UserError(
+            f"{out}: training is unfinished (last phase {state['done'][-1] if state['done'] else 'none'}"
+            "); rerun the same `mlx-ltc mc train` command to finish it"
+        )
     model = _load_base(opts.model).model
     gist_net, lens = _nets(model, opts)
     if not base_only:
@@ -422,8 +432,10 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
     if max_files:
         files = files[:max_files]
     if len(files) < 2:
-        raise UserError(f"{out}: {len(files)} held-out test file(s) of {min_tokens}-{max_tokens} tokens; need at "
-                        "least 2 (widen --min-tokens/--max-tokens)")  # fmt: skip
+        raise UserError(
+            f"{out}: {len(files)} held-out test file(s) of {min_tokens}-{max_tokens} tokens; need at "
+            "least 2 (widen --min-tokens/--max-tokens)"
+        )
     embed = model.model.embed_tokens
     width = embed.weight.shape[1]
     trained = compressor(gist_net, embed, trained_levels=_trained_levels(opts))
@@ -438,8 +450,9 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
         n_history = len(tokens) - horizon
         coarsest = n_history // 1024 + n_history % 1024 // 32 + n_history % 32  # L2s, L1s, raw tail
         if min(budgets) < coarsest:
-            raise UserError(f"--budgets {min(budgets)} is below {f['path']}'s coarsest working context "
-                            f"({coarsest} positions)")  # fmt: skip
+            raise UserError(
+                f"--budgets {min(budgets)} is below {f['path']}'s coarsest working context ({coarsest} positions)"
+            )
         scored = {}
         full = ev.score_file(model, tokens, budgets[0], horizon, ["full"], gists)["full"]
         for w in budgets:
@@ -460,8 +473,9 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
     rows, ident_rows, gaps = [], [], []
     for (w, condition), values in sorted(per_file.items()):
         nll, low, high = ev.bootstrap_mean(values)
-        rows.append({"budget": w, "condition": condition, "nll": nll, "ci_low": low, "ci_high": high,
-                     "files": len(values)})  # fmt: skip
+        rows.append(
+            {"budget": w, "condition": condition, "nll": nll, "ci_low": low, "ci_high": high, "files": len(values)}
+        )
     for (w, condition), values in sorted(ident.items()):
         if condition != "_tokens" and len(values) >= 2:
             nll, low, high = ev.bootstrap_mean(values)
@@ -490,15 +504,20 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
 def table(result: dict) -> str:
     lines = [f"{'budget':>6} {'condition':24} {'NLL':>7} {'95% CI':>17} {'files':>5}"]
     for r in result["rows"] + result["identifier_rows"]:
-        lines.append(f"{r['budget']:>6} {r['condition']:24} {r['nll']:7.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
-                     f"{r['files']:>5}")  # fmt: skip
+        lines.append(
+            f"{r['budget']:>6} {r['condition']:24} {r['nll']:7.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
+            f"{r['files']:>5}"
+        )
     lines.append("")
     for g in result["gap_closed"]:
         key = "gap_closed" if "gap_closed" in g else "nll_diff"
-        lines.append(f"W={g['budget']:>5} {g['condition']:20} {key} {g[key]:+.3f} [{g['ci_low']:+.3f}, "
-                     f"{g['ci_high']:+.3f}]")  # fmt: skip
+        lines.append(
+            f"W={g['budget']:>5} {g['condition']:20} {key} {g[key]:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        )
     for w, t in result["telemetry"]["per_budget"].items():
         res = "n/a" if t["residency"] is None else f"{t['residency']:.1f}"
-        lines.append(f"W={w:>5} focus loop: {t['swap_rate']:.3f} actions/block, residency {res} iterations, "
-                     f"{t['ms_per_block']:.1f} ms/block")  # fmt: skip
+        lines.append(
+            f"W={w:>5} focus loop: {t['swap_rate']:.3f} actions/block, residency {res} iterations, "
+            f"{t['ms_per_block']:.1f} ms/block"
+        )
     return "\n".join(lines) + "\n"

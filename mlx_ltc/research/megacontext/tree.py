@@ -74,8 +74,9 @@ class GistTree:
         with atomic.replace_dir(Path(path)) as tmp:
             for level, rows in enumerate(self.levels):
                 width = 1 if level == 0 else self.width
-                header = _HEADER.pack(MAGIC, VERSION, level, self.block, width, _code(rows.dtype),
-                                      self.model_id.encode("utf-8"))  # fmt: skip
+                header = _HEADER.pack(
+                    MAGIC, VERSION, level, self.block, width, _code(rows.dtype), self.model_id.encode("utf-8")
+                )
                 with open(tmp / f"level{level}.bin", "wb") as f:
                     f.write(header.ljust(_HEADER_BYTES, b"\0"))
                     f.write(np.ascontiguousarray(rows, rows.dtype.newbyteorder("<")).tobytes())
@@ -91,8 +92,10 @@ def _read_level(path: Path, level: int) -> tuple:
         raise UserError(f"{path} is not a MegaContext tree level (bad magic)")
     magic, version, got_level, block, width, code, model = _HEADER.unpack(raw[: _HEADER.size])
     if version != VERSION or got_level != level or code not in _DTYPES:
-        raise UserError(f"{path}: version {version}, level {got_level}, dtype code {code}; expected version "
-                        f"{VERSION}, level {level}")  # fmt: skip
+        raise UserError(
+            f"{path}: version {version}, level {got_level}, dtype code {code}; expected version "
+            f"{VERSION}, level {level}"
+        )
     dtype = _DTYPES[code]
     body = raw[_HEADER_BYTES:]
     if len(body) % (width * dtype.itemsize):
@@ -119,10 +122,16 @@ def load(path: Path, model_id: str | None = None) -> GistTree:
     levels = [rows for _, rows in read]
     for level in range(1, LEVELS):
         if len(levels[level]) != len(levels[level - 1]) // head["block"]:
-            raise UserError(f"{path}: level {level} has {len(levels[level])} gists for {len(levels[level - 1])} "
-                            f"entries below it")  # fmt: skip
-    return GistTree(width=gists[0]["width"], model_id=head["model_id"], dtype=str(levels[1].dtype),
-                    block=head["block"], levels=levels)  # fmt: skip
+            raise UserError(
+                f"{path}: level {level} has {len(levels[level])} gists for {len(levels[level - 1])} entries below it"
+            )
+    return GistTree(
+        width=gists[0]["width"],
+        model_id=head["model_id"],
+        dtype=str(levels[1].dtype),
+        block=head["block"],
+        levels=levels,
+    )
 
 
 def mean_gist(embeddings: np.ndarray):
