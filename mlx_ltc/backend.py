@@ -1,9 +1,13 @@
-"""The one seam between the pipeline and the array library that computes it.
+"""The seam between `train` and the array library that computes it, drawn where the torch reference
+really goes: `run.run_train` talks to a Backend only (load a model, say what its memory engine and
+curriculum can do, measure validation perplexity, add LoRA, train, save adapters). `mlx` is the
+product; `torch` (mlx_ltc.reference.backend) is the independent reference, so the training pipeline
+can run, and its loss curves be compared, without MLX doing the numbers.
 
-`run.run_train` (and later `eval`) talk to a Backend only: load a model, measure perplexity, add
-LoRA, train, save adapters. `mlx` is the product; `torch` (mlx_ltc.reference.backend) is the
-independent reference, so the whole tool can run, and its loss curves be compared, without MLX
-doing the numbers.
+What measures MLX itself stays on MLX and off the seam: `eval` (completion, streaming, the adapters of
+either backend read by mlx-lm), `profile` (MLX's peak memory) and `compare` (MLX against torch, op by
+op). A torch run's report says which of the final measures it leaves out, and its plan says it has no
+curriculum and no memory engine instead of deriving them.
 """
 
 from pathlib import Path
