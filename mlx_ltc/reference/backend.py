@@ -69,7 +69,7 @@ class TorchBackend:
 
     def apply_lora(self, model, cfg):
         c = cfg.lora
-        rank = c.rank or 8
+        rank = c.rank  # resolved by the run's plan
         names = lora.apply(model, c.targets, rank, c.scale, c.layers, c.dropout, seed=cfg.train.seed)
         if not names:
             raise UserError(f"lora.targets {c.targets} match no linear layer of this model")
@@ -83,6 +83,7 @@ class TorchBackend:
 
     def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
         """The plain loop: one phase at the dataset's length, no orchestrator or checkpoints."""
+        from mlx_ltc.train import phases
         from mlx_ltc.train.batches import endless_indices
 
         t = cfg.train
@@ -90,8 +91,7 @@ class TorchBackend:
             raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
         if len(split) == 0:
             raise UserError("the training split is empty")
-        batch_size = t.batch_size or 1
-        steps = t.max_steps or max(1, math.ceil(t.epochs * len(split) / (batch_size * t.grad_accum)))
+        batch_size, steps = t.batch_size, phases.total_steps(cfg, len(split))  # the plan set the batch
         params = list(lora.adapter_state(model).values())
         for p in params:
             p.requires_grad_(True)
