@@ -6,8 +6,8 @@ import signal
 
 
 class StopRequest:
-    def __init__(self, log, saving: str = "saving a checkpoint after this update"):
-        self.log, self.saving, self.requested, self._previous = log, saving, False, None
+    def __init__(self, log, saving: str = "saving a checkpoint after this update", again: str = "abort without saving"):
+        self.log, self.saving, self.again, self.requested, self._previous = log, saving, again, False, None
 
     def __enter__(self):
         try:
@@ -25,4 +25,4 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.log(f"Ctrl-C: {self.saving} (press again to abort without saving)")
+        self.log(f"Ctrl-C: {self.saving} (press again to {self.again})")

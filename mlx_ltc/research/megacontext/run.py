@@ -328,7 +328,9 @@ def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=
             _with_lora(model, opts)
         _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, model)
         log(f"continuing after {state['done'][-1]}")
-    stop = StopRequest(log, "stopping after this update; the phase in progress starts again on the next run")
+    stop = StopRequest(
+        log, "stopping after this update; the phase in progress starts again on the next run", "abort at once"
+    )
     with stop:
         for cycle in range(1, opts.cycles + 1):
             for k, phase in enumerate(PHASES):
