@@ -85,7 +85,7 @@ class CurriculumConfig:
     """Phases of growing sequence length. The lists are a template for n phases (n from `phases`, or the
     analysis' derived constant when 0): the last n lengths, shares and bands, the first n LR multipliers."""
 
-    phases: int = 0  # 0: derived by `analyze` (1-3, fewer for small repos)
+    phases: int = 1  # 1: one phase at seq_len (measured: README "Curriculum"); 0: derived by `analyze` (1-3)
     lengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # of data.seq_len
     lr_mults: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.1])
     shares: list[float] = field(default_factory=lambda: [0.4, 0.35, 0.25])  # of the run's optimizer updates

@@ -39,7 +39,7 @@ def resolve(cfg, given, compute_with=None, profile=None):
 
 
 def test_open_values_are_derived_and_the_users_config_is_left_as_it_was():
-    cfg = config.build()
+    cfg = config.build(None, {"curriculum": {"phases": 0}})  # 0: the analysis derives the phases
     p = resolve(cfg, {})
     assert (p.seq_len.value, p.seq_len.source, p.seq_len.why) == (1024, "derived", "p95 rule")
     assert (p.lora_rank.value, p.lora_rank.source) == (16, "derived")
@@ -55,7 +55,7 @@ def test_open_values_are_derived_and_the_users_config_is_left_as_it_was():
         1,
         1,
     )
-    assert cfg == config.build()  # the user's config is untouched
+    assert cfg == config.build(None, {"curriculum": {"phases": 0}})  # the user's config is untouched
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.data.seq_len = 64
 
@@ -68,6 +68,7 @@ def test_flags_and_file_values_keep_their_source(tmp_path):
     assert (p.seq_len.value, p.seq_len.source) == (512, "flag")
     assert (p.lora_rank.value, p.lora_rank.source) == (8, "file")
     assert (p.phases.value, p.phases.source) == (1, "flag")
+    assert resolve(config.build(), {}).phases == plan.Choice(1, "default")  # one phase unless asked
 
 
 def test_the_memory_profile_sets_the_micro_batch_and_the_checkpoint_policy():
@@ -99,7 +100,8 @@ def test_a_backend_without_curriculum_or_engine_plans_one_phase_and_plain_attent
 
 
 def test_the_plan_round_trips_through_plan_json(tmp_path):
-    p = resolve(config.build(None, {"data": {"seq_len": 2048}}), {"data.seq_len": "flag"}, profile=PROFILE)
+    cfg = config.build(None, {"data": {"seq_len": 2048}, "curriculum": {"phases": 0}})
+    p = resolve(cfg, {"data.seq_len": "flag"}, profile=PROFILE)
     p.save(tmp_path)
     back = plan.load(tmp_path)
     assert back == p
