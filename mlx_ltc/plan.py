@@ -18,9 +18,9 @@ from mlx_ltc.config import Config, MemoryConfig
 from mlx_ltc.errors import UserError
 
 PLAN = "plan.json"
-# where a value came from: the command line, the YAML file, the config's default, the analysis' derived
-# constants, the memory profile, or what the backend / model allows
-SOURCES = ("flag", "file", "default", "derived", "profile", "backend")
+# where a value came from: the command line, the YAML file, the config's default, a config built in code
+# (no flag or file to name), the analysis' derived constants, the memory profile, or what the backend allows
+SOURCES = ("flag", "file", "default", "config", "derived", "profile", "backend")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,11 @@ def load(run_dir: Path) -> RunPlan | None:
 def memory_policy(cfg: Config, given: dict, backend, loaded) -> dict:
     """attention, loss and staged as Choices: the config's, unless the backend or model can't run them."""
     m = cfg.memory
-    choices = {k: Choice(getattr(m, k), given.get(f"memory.{k}", "default")) for k in ("attention", "loss", "staged")}
+    unsaid = {
+        k: "default" if getattr(m, k) == getattr(MemoryConfig(), k) else "config"
+        for k in ("attention", "loss", "staged")
+    }
+    choices = {k: Choice(getattr(m, k), given.get(f"memory.{k}", unsaid[k])) for k in unsaid}
     if not backend.memory_engine:
         why = f"the {backend.name} backend has no memory engine"
         return {
@@ -122,16 +126,20 @@ def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, pr
     `policy` is `memory_policy`'s; `constants` the analysis' derived constants (computed at the given
     sequence length when there is one); `profile` the cached memory profile or None."""
 
-    def user(key: str, default_source="default") -> Choice:
+    defaults = Config()
+
+    def user(key: str) -> Choice:
         section, name = key.split(".")
-        return Choice(getattr(getattr(cfg, section), name), given.get(key, default_source))
+        value = getattr(getattr(cfg, section), name)
+        unsaid = "default" if value == getattr(getattr(defaults, section), name) else "config"
+        return Choice(value, given.get(key, unsaid))
 
     backend_choice = user("train.backend")
-    if given.get("data.seq_len"):
+    if cfg.data.seq_len is not None:  # set by the user, whether or not `given` says where
         seq_len = user("data.seq_len")
     else:
         seq_len = _derived(constants, "seq_len")
-    if given.get("lora.rank"):
+    if cfg.lora.rank is not None:
         rank = user("lora.rank")
     else:
         rank = _derived(constants, "lora_rank")

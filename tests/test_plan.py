@@ -69,6 +69,9 @@ def test_flags_and_file_values_keep_their_source(tmp_path):
     assert (p.lora_rank.value, p.lora_rank.source) == (8, "file")
     assert (p.phases.value, p.phases.source) == (1, "flag")
     assert resolve(config.build(), {}).phases == plan.Choice(1, "default")  # one phase unless asked
+    # a config built in code says nothing of where its values came from: they are still the user's
+    bare = resolve(config.build(None, {"lora": {"rank": 4}, "data": {"seq_len": 256}}), {})
+    assert (bare.lora_rank.value, bare.seq_len.value) == (4, 256) and bare.lora_rank.source == "config"
 
 
 def test_the_memory_profile_sets_the_micro_batch_and_the_checkpoint_policy():
