@@ -1,12 +1,13 @@
 """The `mlx-ltc` command line."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from mlx_ltc import __version__
+from mlx_ltc import __version__, config
 from mlx_ltc.errors import Interrupted, UserError
 
 
@@ -46,46 +47,114 @@ def _memory_options(f):
     return f
 
 
-def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention=False) -> dict:
-    return {
-        "staged": False if no_staged else None,
-        "loss": "full" if no_chunked_loss else None,
-        "attention": "stock" if no_efficient_attention else None,
+def _memory_overrides() -> dict:
+    """The `memory` keys the current command's --no-* memory flags set."""
+    params = click.get_current_context().params
+    switched = {
+        "staged": False if params.get("no_staged") else None,
+        "loss": "full" if params.get("no_chunked_loss") else None,
+        "attention": "stock" if params.get("no_efficient_attention") else None,
     }
+    return {"memory": _given(switched)}
+
+
+def _given(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _default_help(key: str) -> str:
+    """'[default: X]' with X the built-in default of a dotted config key (one place: mlx_ltc/config.py)."""
+    return f"[default: {_shown(config.default(key))}]"
+
+
+class _Setting(click.Option):
+    """An option that sets one config key. It has no default of its own: unset, the --config file's value
+    or the built-in one applies, and the help names the built-in one (unless it says its own)."""
+
+    def __init__(self, *decls, key: str, **kwargs):
+        help_text = kwargs.pop("help")
+        if "[default" not in help_text and not kwargs.get("is_flag"):
+            help_text = f"{help_text} {_default_help(key)}"
+        super().__init__(*decls, default=None, help=help_text, **kwargs)
+        self.key = key
+
+
+def _setting(*decls, key: str, **kwargs):
+    return click.option(*decls, cls=_Setting, key=key, **kwargs)
+
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML config (configs/default.yaml lists every key); flags override it.",
+)
+
+
+def _config(config_file, extra: dict | None = None) -> config.Config:
+    return _config_given(config_file, extra)[0]
+
+
+def _config_given(config_file, extra: dict | None = None) -> tuple:
+    """(config, given): defaults <- the --config file <- the current command's setting options that were given
+    (and `extra`, overrides the command maps itself); `given` says where the user set each key ("file" or
+    "flag"). A flag's value the config rejects is named by its flag as well."""
+    ctx = click.get_current_context()
+    overrides, flags = dict(extra or {}), {}
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, _Setting) and value is not None:
+            *sections, name = param.key.split(".")
+            node = overrides
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+            flags[param.key] = param.opts[0]
+    config.build(config_file)  # the file's own mistakes first, without a flag to blame
+    try:
+        return config.build_given(config_file, overrides)
+    except UserError as e:
+        named = [flag for key, flag in flags.items() if re.search(rf"\b{re.escape(key)}\b", str(e))]
+        raise UserError(f"{e} ({', '.join(named)})" if named else str(e)) from None
 
 
 @cli.command("train", short_help="Build the dataset, train LoRA adapters, report before/after.")
 @click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository to train on.")
-@click.option(
+@_setting(
     "--model",
-    default=None,
-    help="smollm2-135m (default), tiny-starcoder2, a local mlx-lm/HF directory, or a Hugging Face id.",
+    key="model.name",
+    help="smollm2-135m, tiny-starcoder2, a local mlx-lm/HF directory, or a Hugging Face id.",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: runs/REPO-TIMESTAMP]."
 )
-@click.option("--max-steps", type=int, default=None, help="Optimizer updates [default: one epoch].")
-@click.option("--seq-len", type=int, default=None, help="Tokens per training sequence [default: derived by analyze].")
-@click.option(
-    "--bits",
-    type=int,
-    default=None,
-    help="Quantize to this many bits when the model is not quantized [default: 4, model.bits].",
-)
-@click.option("--group-size", type=int, default=None, help="Quantization group size [default: 64, model.group_size].")
-@click.option(
-    "--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config (see configs/)."
-)
+@_setting("--max-steps", key="train.max_steps", type=int, help="Optimizer updates [default: one epoch].")
+@_setting("--seq-len", key="data.seq_len", type=int, help="Tokens per training sequence [default: derived by analyze].")
+@_setting("--bits", key="model.bits", type=int, help="Quantize to this many bits when the model is not quantized.")
+@_setting("--group-size", key="model.group_size", type=int, help="Quantization group size.")
+@_config_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option(
+@_setting(
     "--backend",
+    key="train.backend",
     type=click.Choice(["mlx", "torch"]),
-    default=None,
-    help="mlx (default) or torch: the reference implementation, for small models.",
+    help="mlx, or torch: the reference implementation, for small models.",
 )
-@click.option("--save-every", type=int, default=None, help="Checkpoint every K optimizer steps [default: phase ends].")
-@click.option("--report-to", type=click.Choice(["none", "wandb"]), default=None, help="Also log metrics to wandb.")
+@_setting(
+    "--save-every",
+    key="checkpoint.save_every",
+    type=int,
+    help="Checkpoint every K optimizer steps [default: phase ends].",
+)
+@_setting(
+    "--report-to", key="orchestrator.report_to", type=click.Choice(["none", "wandb"]), help="Also log metrics to wandb."
+)
 @click.option(
     "--resume",
     type=click.Path(path_type=Path),
@@ -93,15 +162,15 @@ def _memory_flags(no_staged=False, no_chunked_loss=False, no_efficient_attention
     help="Continue the interrupted run in this directory from its last checkpoint.",
 )
 @_memory_options
-def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_file, overwrite, quiet, backend,
-              save_every, report_to, resume, **memory):  # fmt: skip
+def train_cmd(repo, out, config_file, overwrite, quiet, resume, max_steps, **settings):
     """Train LoRA adapters on the repository given by --repo: build its dataset, train, and report the
     base and adapted models side by side (held-out perplexity, completion, the forgetting check).
 
-    Training runs in phases of growing sequence length, steered by the orchestrator; checkpoints make
-    it resumable with --resume RUN_DIR (--max-steps then moves the run's end).
+    Training runs in one phase at --seq-len, or in phases of growing length (curriculum.phases), steered by
+    the orchestrator; checkpoints make it resumable with --resume RUN_DIR (--max-steps then moves the
+    run's end).
     """
-    from mlx_ltc import config, run
+    from mlx_ltc import run
 
     ctx = click.get_current_context()
     if resume is not None:
@@ -116,16 +185,7 @@ def train_cmd(repo, model, out, max_steps, seq_len, bits, group_size, config_fil
         report = run.resume_train(resume, max_steps, progress=not quiet)
         click.echo(run.summary(report), nl=False)
         return
-    flags = {
-        "model": {"name": model, "bits": bits, "group_size": group_size},
-        "data": {"seq_len": seq_len},
-        "train": {"max_steps": max_steps, "backend": backend},
-        "memory": _memory_flags(**memory),
-        "checkpoint": {"save_every": save_every},
-        "orchestrator": {"report_to": report_to},
-    }
-    overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
-    cfg, given = config.build_given(config_file, overrides)
+    cfg, given = _config_given(config_file, _memory_overrides())
     report = run.run_train(
         cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet, given=given
     )
@@ -136,11 +196,11 @@ def _data_options(f):
     for opt in reversed(
         [
             click.option("--repo", type=click.Path(path_type=Path), default=".", show_default=True, help="Repository."),
-            click.option("--model", default=None, help="Whose tokenizer [default: the config's, smollm2-135m]."),
-            click.option(
-                "--seq-len", type=int, default=None, help="Tokens per sequence [default: derived by analyze]."
+            _setting("--model", key="model.name", help="Whose tokenizer."),
+            _setting(
+                "--seq-len", key="data.seq_len", type=int, help="Tokens per sequence [default: derived by analyze]."
             ),
-            click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config."),
+            _config_option,
             click.option("--quiet", is_flag=True, help="No progress bars."),
         ]
     ):
@@ -148,15 +208,11 @@ def _data_options(f):
     return f
 
 
-def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
+def _corpus(repo, config_file, extra=None):
     """(cfg, scan, tokenizer, cache_dir, profile) for analyze/build."""
-    from mlx_ltc import config, data, models, run
+    from mlx_ltc import data, models, run
 
-    overrides = {"data": {"seq_len": seq_len, **(extra or {})}}
-    if model:
-        overrides["model"] = {"name": model}
-    overrides = {s: {k: v for k, v in d.items() if v is not None} for s, d in overrides.items()}
-    cfg = config.build(config_file, overrides)
+    cfg = _config(config_file, extra)
     scan = data.scan(repo, cfg.data.max_file_bytes)
     cache_dir = models.default_cache_dir()
     tokenizer = models.load_tokenizer(models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size))
@@ -167,16 +223,16 @@ def _corpus(repo, model, seq_len, config_file, quiet, extra=None):
 @_data_options
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=Path("analysis.json"), show_default=True,
               help="Where to write the analysis.")  # fmt: skip
-def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
+def analyze_cmd(repo, config_file, quiet, json_out, **settings):
     """Inventory, import graph and derived training constants of a repository."""
     from mlx_ltc import atomic, data
     from mlx_ltc.data import analyze
 
-    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet)
+    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, config_file)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=log, progress=not quiet)
     result = corpus.analysis(profile)
-    atomic.write_json(json_out, result)
+    atomic.write_json(json_out, result.to_json())
     click.echo(analyze.table(result) + f"  written: {json_out}", nl=True)
 
 
@@ -185,99 +241,94 @@ def analyze_cmd(repo, model, seq_len, config_file, quiet, json_out):
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Dataset directory (replaced if a dataset)."
 )
-@click.option("--split", default=None, help="train/val/test shares [default: 85/10/5].")
-@click.option(
-    "--fim-rate", type=float, default=None, help="Share of train documents in FIM form (FIM tokenizers) [default: 0.5]."
-)
-@click.option(
-    "--augment", type=float, default=None, help="Share of train files replaced by an augmented variant [default: 0]."
-)
-@click.option("--no-chains", is_flag=True, help="No commit-evolution chains.")
-@click.option("--no-qa", is_flag=True, help="No QA probes.")
-def build_cmd(repo, model, seq_len, config_file, quiet, out, split, fim_rate, augment, no_chains, no_qa):
+@_setting("--split", key="data.split", help="train/val/test shares.")
+@_setting("--fim-rate", key="data.fim_rate", type=float, help="Share of train documents in FIM form (FIM tokenizers).")
+@_setting("--augment", key="data.augment", type=float, help="Share of train files replaced by an augmented variant.")
+@click.option("--no-chains", is_flag=True, help="No commit-evolution chains (data.chains: false).")
+@click.option("--no-qa", is_flag=True, help="No QA probes (data.qa: false).")
+def build_cmd(repo, config_file, quiet, out, no_chains, no_qa, **settings):
     """Build train/val/test shards of packed repo-level sequences, QA probes and metadata."""
     import json
 
     from mlx_ltc import run
 
-    extra = {
-        "split": split,
-        "fim_rate": fim_rate,
-        "augment": augment,
-        "chains": False if no_chains else None,
-        "qa": False if no_qa else None,
-    }
-    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, model, seq_len, config_file, quiet, extra)
+    off = {"chains": False if no_chains else None, "qa": False if no_qa else None}
+    cfg, scan, tokenizer, cache_dir, profile = _corpus(repo, config_file, {"data": _given(off)})
     meta, _ = run.prepare_data(cfg, scan, tokenizer, out, cache_dir, profile, progress=not quiet)
     keys = ("seq_len", "packing_efficiency", "splits", "documents", "dedup", "chains", "qa", "skipped", "cache")
-    click.echo(json.dumps({k: meta[k] for k in keys} | {"out": str(out)}, indent=1))
+    summary = {k: v for k, v in meta.to_json().items() if k in keys}
+    click.echo(json.dumps(summary | {"out": str(out)}, indent=1))
 
 
 @cli.command("profile", short_help="Find the longest sequence a training step fits here.")
-@click.option("--model", default=None, help="Model to profile [default: the config's, smollm2-135m].")
-@click.option("--memory-budget", default=None, help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows].")
-@click.option("--max-len", type=int, default=None, help="Longest length to try [default: 8192 on CPU, 131072 on GPU].")
-@click.option("--granularity", type=int, default=256, show_default=True, help="Bisection stops at this resolution.")
-@click.option("--start", type=int, default=256, show_default=True, help="First length tried (then doubled).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config.")
+@_setting("--model", key="model.name", help="Model to profile.")
+@_setting(
+    "--memory-budget",
+    key="profile.memory_budget",
+    help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows].",
+)
+@_setting(
+    "--max-len",
+    key="profile.max_len",
+    type=click.IntRange(min=1),
+    help="Longest length to try [default: 8192 on CPU, 131072 on GPU].",
+)
+@_setting(
+    "--granularity", key="profile.granularity", type=click.IntRange(min=1), help="Bisection stops at this resolution."
+)
+@_setting("--start", key="profile.start", type=click.IntRange(min=1), help="First length tried (then doubled).")
+@_setting("--batch-size", key="profile.batch_size", type=click.IntRange(min=1), help="Sequences per step.")
+@_config_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the profile here.")
 @click.option("--force", is_flag=True, help="Measure again even when a cached profile matches.")
 @_memory_options
-def profile_cmd(model, memory_budget, max_len, granularity, start, batch_size, config_file, json_out, force, **memory):
+def profile_cmd(config_file, json_out, force, **settings):
     """Measure this machine and find the longest sequence a real training step fits in the budget."""
-    from mlx_ltc import atomic, config, models
+    from mlx_ltc import atomic, models
     from mlx_ltc.hardware import profile
 
-    if min(granularity, start, batch_size) < 1 or (max_len is not None and max_len < start):
-        raise UserError("--granularity, --start and --batch-size must be positive, and --max-len at least --start")
-    overrides = {"memory": {k: v for k, v in _memory_flags(**memory).items() if v is not None}}
-    if model:
-        overrides["model"] = {"name": model}
-    cfg = config.build(config_file, overrides)
-    budget = profile.parse_size(memory_budget) if memory_budget else None
-    log = lambda line: click.echo(line, err=True)
-    result = profile.run_profile(
-        cfg, budget, models.default_cache_dir(), max_len, granularity, start, batch_size, force, log
-    )
+    cfg = _config(config_file, _memory_overrides())
+    result = profile.run_profile(cfg, models.default_cache_dir(), force, log=lambda line: click.echo(line, err=True))
     if json_out:
-        atomic.write_json(json_out, result)
+        atomic.write_json(json_out, result.to_json())
     click.echo(profile.summary(result), nl=False)
 
 
 @cli.command("compare", short_help="Check MLX against the PyTorch reference, step by step.")
-@click.option("--model", default="tiny-starcoder2", show_default=True, help="Model to check (as for train).")
-@click.option("--steps", type=int, default=5, show_default=True, help="Optimizer steps on both sides.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", type=int, default=2, show_default=True, help="Sequences per step.")
-@click.option(
+@_setting("--model", key="compare.model", help="Model to check (as for train).")
+@_setting("--steps", key="compare.steps", type=click.IntRange(min=1), help="Optimizer steps on both sides.")
+@_setting("--seq-len", key="compare.seq_len", type=click.IntRange(min=1), help="Tokens per sequence.")
+@_setting("--batch-size", key="compare.batch_size", type=click.IntRange(min=1), help="Sequences per step.")
+@_setting(
     "--source",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    default=None,
+    key="compare.source",
+    type=click.Path(exists=True, file_okay=False),
     help="Directory of Python files to make the batches from [default: mlx_ltc's own source].",
 )
-@click.option(
+@_setting(
     "--reference-dtype",
+    key="compare.reference_dtype",
     type=click.Choice(["float32", "float64"]),
-    default="float32",
-    show_default=True,
     help="Precision of the torch side (float64 tells MLX's own rounding apart).",
 )
+@_config_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @_memory_options
-def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json_out, **memory):
+def compare_cmd(config_file, json_out, **settings):
     """Check MLX against the torch reference: forward, loss, LoRA gradients and N optimizer steps.
 
     Exits non-zero when any quantity is outside its tolerance (mlx_ltc/reference/__init__.py).
     """
-    from mlx_ltc import atomic, config, models
+    from mlx_ltc import atomic, models
     from mlx_ltc.reference import compare
 
-    overrides = {"memory": {k: v for k, v in _memory_flags(**memory).items() if v is not None}}
-    mem = config.build(None, overrides).memory
+    cfg = _config(config_file, _memory_overrides())
+    c = cfg.compare
+    if c.source is not None and not Path(c.source).is_dir():
+        raise UserError(f"compare.source {c.source}: not a directory")
     result = compare.run(
-        model, steps, seq_len, batch_size, source, models.default_cache_dir(), mem, reference_dtype,
-        log=lambda line: click.echo(line, err=True),
+        c.model, c.steps, c.seq_len, c.batch_size, c.source and Path(c.source), models.default_cache_dir(),
+        cfg.memory, c.reference_dtype, log=lambda line: click.echo(line, err=True),
     )  # fmt: skip
     click.echo(result.table(), nl=False)
     if json_out:
@@ -287,8 +338,8 @@ def compare_cmd(model, steps, seq_len, batch_size, source, reference_dtype, json
 
 
 def _int_list(ctx, param, value):
-    if not value:
-        return []
+    if value is None:
+        return None
     try:
         out = [int(x.replace("_", "")) for x in value.split(",") if x.strip()]
     except ValueError:
@@ -298,86 +349,97 @@ def _int_list(ctx, param, value):
     return out
 
 
+def _words(ctx, param, value):
+    return None if value is None else [w.strip() for w in value.split(",") if w.strip()]
+
+
 @cli.command("eval", short_help="Evaluate a run: perplexity, streaming, completion.")
 @click.argument("run_dir", type=click.Path(path_type=Path), required=False)
-@click.option("--base", is_flag=True, help="Also evaluate the base model, side by side (doubles the time).")
-@click.option("--lengths", callback=_int_list, help="Evaluation lengths [default: 512 ... 2 x the trained length].")
-@click.option(
+@_setting(
+    "--base", key="evaluate.base", is_flag=True, help="Also evaluate the base model, side by side (doubles the time)."
+)
+@_setting(
+    "--lengths",
+    key="evaluate.lengths",
+    callback=_int_list,
+    help="Evaluation lengths [default: 512 ... 2 x the trained length].",
+)
+@_setting(
     "--context-tokens",
+    key="evaluate.context_tokens",
     type=click.IntRange(min=1),
-    default=16_384,
-    show_default=True,
     help="Test-split tokens scored at every evaluation length.",
 )
-@click.option("--windows", callback=_int_list, help="Streaming KV windows [default: 1/2, 1, 2 x trained length].")
-@click.option(
+@_setting(
+    "--windows",
+    key="evaluate.windows",
+    callback=_int_list,
+    help="Streaming KV windows [default: 1/2, 1, 2 x trained length].",
+)
+@_setting(
     "--stream-tokens",
+    key="evaluate.stream_tokens",
     type=click.IntRange(min=0),
-    default=32_768,
-    show_default=True,
     help="Tokens in the streaming evaluation (0: the whole source).",
 )
-@click.option(
+@_setting(
     "--stream-corpus",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Stream this directory's source files instead of the test split.",
+    key="evaluate.stream_corpus",
+    type=click.Path(),
+    help="Stream this directory's source files [default: the test split].",
 )
-@click.option("--chunk", type=click.IntRange(min=1), default=512, show_default=True, help="Streaming prefill chunk.")
-@click.option(
-    "--qa-split",
-    type=click.Choice(["test", "val"]),
-    default="test",
-    show_default=True,
-    help="Split whose QA probes are asked.",
+@_setting("--chunk", key="evaluate.chunk", type=click.IntRange(min=1), help="Streaming prefill chunk.")
+@_setting(
+    "--qa-split", key="evaluate.qa_split", type=click.Choice(["test", "val"]), help="Split whose QA probes are asked."
 )
-@click.option(
+@_setting(
     "--splits",
+    key="evaluate.splits",
     type=click.Choice(["val,test", "test", "val"]),
-    default="val,test",
-    show_default=True,
+    callback=_words,
     help="Splits to measure perplexity on.",
 )
 @click.option("--compare", nargs=2, type=click.Path(path_type=Path), default=None, metavar="RUN_A RUN_B",
               help="Put two evaluated runs side by side instead.")  # fmt: skip
-@click.option(
+@_setting(
     "--forgetting-tokens",
+    key="evaluate.forgetting_tokens",
     type=click.IntRange(min=0),
-    default=16_384,
-    show_default=True,
     help="Standard-library tokens scored: what the fine-tune costs outside the repo (0: none).",
 )
 @click.option(
     "--completion", is_flag=True, help="Run the repo code-completion benchmark (instead of the measurements above)."
 )
-@click.option(
+@_setting(
     "--completion-targets",
+    key="evaluate.completion.targets",
     type=click.IntRange(min=2),
-    default=200,
-    show_default=True,
     help="Held-out lines to complete: half cross-file lines, half random lines.",
 )
-@click.option(
-    "--completion-lengths", callback=_int_list, help="Prompt budgets in tokens [default: 512 and the trained length]."
+@_setting(
+    "--completion-lengths",
+    key="evaluate.completion.budgets",
+    callback=_int_list,
+    help="Prompt budgets in tokens [default: 512 and the trained length].",
 )
-@click.option(
+@_setting(
     "--completion-modes",
-    default=None,
+    key="evaluate.completion.modes",
+    callback=_words,
     help="in_file,cross_file[,fim] [default: in_file,cross_file, and fim with FIM tokens].",
 )
+@_config_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, stream_corpus, chunk, qa_split, splits,
-             compare, forgetting_tokens, completion, completion_targets, completion_lengths, completion_modes,
-             json_out, quiet):  # fmt: skip
+def eval_cmd(run_dir, compare, completion, config_file, json_out, quiet, **settings):
     """Evaluate a finished run: perplexity (held-out files and commit chains), loss vs position, repo QA,
     streaming, the forgetting check; or, with --completion, the repo code-completion benchmark. Each is
     kept in report.json["eval"], report.md and plots/."""
     from mlx_ltc import atomic
     from mlx_ltc.eval import report
-    from mlx_ltc.eval.completion import CompletionOptions
     from mlx_ltc.eval.run import EvalOptions, run_eval
 
+    cfg = _config(config_file)
     if compare:
         if run_dir is not None:
             raise UserError("--compare takes two run directories; drop RUN_DIR")
@@ -388,15 +450,7 @@ def eval_cmd(run_dir, base, lengths, context_tokens, windows, stream_tokens, str
         return
     if run_dir is None:
         raise UserError("give a run directory (mlx-ltc eval RUN_DIR) or --compare RUN_A RUN_B")
-    benchmark = None
-    if completion:
-        modes = tuple(m.strip() for m in completion_modes.split(",") if m.strip()) if completion_modes else ()
-        benchmark = CompletionOptions(targets=completion_targets, budgets=tuple(completion_lengths), modes=modes)
-    opts = EvalOptions(base=base, lengths=lengths, context_tokens=context_tokens, windows=windows,
-                       stream_tokens=stream_tokens, stream_corpus=stream_corpus, chunk=chunk, qa_split=qa_split,
-                       splits=tuple(splits.split(",")), forgetting_tokens=forgetting_tokens, completion=benchmark,
-                       progress=not quiet)  # fmt: skip
-    results = run_eval(run_dir, opts)
+    results = run_eval(run_dir, EvalOptions.of(cfg.evaluate, benchmark=completion, progress=not quiet))
     if json_out:
         atomic.write_json(json_out, results)
     click.echo(f'written: {Path(run_dir) / "report.md"}, report.json ("eval"), plots/')
@@ -408,7 +462,9 @@ def bk_group():
     from scratch."""
 
 
-def _lengths(text: str) -> list:
+def _seq_lens(ctx, param, text):
+    if text is None:
+        return None
     try:
         lengths = [int(x.strip().replace("_", "")) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -419,130 +475,117 @@ def _lengths(text: str) -> list:
 
 
 @bk_group.command("train", short_help="Train the BK model on growing lengths.")
-@click.option(
-    "--seq-lens",
-    default="128,512,2048,8192,32768,131072",
-    show_default=True,
-    help="The curriculum's lengths, shortest first.",
-)
+@_setting("--seq-lens", key="bk.train.seq_lens", callback=_seq_lens, help="The curriculum's lengths, shortest first.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     required=True,
     help="Run directory (continued when it holds an unfinished run with the same settings).",
 )
-@click.option("--repo", type=click.Path(path_type=Path), default=None, help="Train on this repository's files.")
-@click.option(
+@_setting(
+    "--repo",
+    key="bk.corpus.root",
+    type=click.Path(),
+    help="Train on this repository's files (another name for --corpus) [default: see --corpus].",
+)
+@_setting(
     "--corpus",
-    type=click.Path(path_type=Path),
-    default=None,
+    key="bk.corpus.root",
+    type=click.Path(),
     help="Train on this directory's source files [default: this Python's standard library].",
 )
-@click.option("--steps-per-length", type=int, default=200, show_default=True, help="Optimizer updates per length.")
-@click.option(
+@_setting("--steps-per-length", key="bk.train.steps_per_length", type=int, help="Optimizer updates per length.")
+@_setting(
     "--tokens-per-step",
+    key="bk.train.tokens_per_step",
     type=int,
-    default=32768,
-    show_default=True,
     help="Tokens per update: batch = max(1, this // length).",
 )
-@click.option("--d-model", type=int, default=256, show_default=True, help="Width of the model.")
-@click.option("--layers", type=int, default=4, show_default=True, help="BK blocks.")
-@click.option("--channels", type=int, default=None, help="BK channels per layer [default: d-model].")
-@click.option("--experts", type=int, default=4, show_default=True, help="Experts in each block's MoE.")
-@click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token (learned router).")
-@click.option("--expert-hidden", type=int, default=512, show_default=True, help="Hidden width of each expert.")
-@click.option(
+@_setting("--d-model", key="bk.model.d_model", type=int, help="Width of the model.")
+@_setting("--layers", key="bk.model.n_layers", type=int, help="BK blocks.")
+@_setting("--channels", key="bk.model.channels", type=int, help="BK channels per layer [default: d-model].")
+@_setting("--experts", key="bk.model.n_experts", type=int, help="Experts in each block's MoE.")
+@_setting("--top-k", key="bk.model.top_k", type=int, help="Experts per token (learned router).")
+@_setting("--expert-hidden", key="bk.model.expert_hidden", type=int, help="Hidden width of each expert.")
+@_setting(
     "--router",
+    key="bk.model.router",
     type=click.Choice(["learned", "scattering"]),
-    default="learned",
-    show_default=True,
     help="learned: a linear router; scattering: parameter-free, top-1 by the phase of the Green's function.",
 )
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate of each length.")
-@click.option("--warmup-steps", type=int, default=20, show_default=True, help="Warmup updates of each length.")
-@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay.")
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm.")
-@click.option("--val-share", type=float, default=0.05, show_default=True, help="Share of files held out for val.")
-@click.option("--val-tokens", type=int, default=65536, show_default=True, help="Val tokens scored at each length.")
-@click.option("--max-tokens", type=int, default=0, help="Tokenize files until this many tokens [default: all].")
-@click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward (less memory).")
-@click.option(
+@_setting("--lr", key="bk.train.lr", type=float, help="Peak learning rate of each length.")
+@_setting("--warmup-steps", key="bk.train.warmup_steps", type=int, help="Warmup updates of each length.")
+@_setting("--weight-decay", key="bk.train.weight_decay", type=float, help="AdamW weight decay.")
+@_setting("--max-grad-norm", key="bk.train.max_grad_norm", type=float, help="Clip gradients to this norm.")
+@_setting("--val-share", key="bk.corpus.val_share", type=float, help="Share of files held out for val.")
+@_setting("--val-tokens", key="bk.train.val_tokens", type=int, help="Val tokens scored at each length.")
+@_setting(
+    "--max-tokens", key="bk.corpus.max_tokens", type=int, help="Tokenize files until this many tokens [default: all]."
+)
+@_setting(
+    "--grad-checkpoint",
+    key="bk.train.grad_checkpoint",
+    is_flag=True,
+    help="Recompute each block in the backward (less memory).",
+)
+@_setting(
     "--train-chunk",
+    key="bk.train.train_chunk",
     type=int,
-    default=8192,
-    show_default=True,
     help="Longer sequences train a chunk at a time through the carried state: memory independent of "
     "length (0: whole sequences).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
+@_setting("--seed", key="bk.train.seed", type=int, help="Seeds the initialisation and data order.")
+@_config_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing bk run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def bk_train_cmd(seq_lens, out, repo, corpus, steps_per_length, tokens_per_step, d_model, layers, channels, experts,
-                 top_k, expert_hidden, router, lr, warmup_steps, weight_decay, max_grad_norm, val_share, val_tokens,
-                 max_tokens, grad_checkpoint, train_chunk, seed, overwrite, quiet):  # fmt: skip
+def bk_train_cmd(out, repo, corpus, config_file, overwrite, quiet, **settings):
     """Train the BK model on growing lengths; per-length checkpoints, results.json and summary.txt in OUT."""
     from mlx_ltc.research.bk import data, train
 
     if repo is not None and corpus is not None:
         raise UserError("give --repo or --corpus, not both")
-    root = repo or corpus or data.default_corpus()
+    bk = _config(config_file).bk
+    root = Path(bk.corpus.root) if bk.corpus.root is not None else data.default_corpus()
     if not root.is_dir():
-        raise UserError(
-            f"{'--repo' if repo else '--corpus'} {root}: "
-            + ("not a directory" if root.exists() else "no such directory")
-        )
-    if min(d_model, layers, experts, top_k, expert_hidden, channels or 1) < 1 or top_k > experts:
-        raise UserError(
-            "--d-model, --layers, --experts, --top-k, --expert-hidden and --channels must be positive, "
-            "--top-k at most --experts"
-        )
-    if not 0 < val_share < 1:
-        raise UserError(f"--val-share must be between 0 and 1, got {val_share}")
-    model = {"d_model": d_model, "n_layers": layers, "channels": channels, "n_experts": experts, "top_k": top_k,
-             "expert_hidden": expert_hidden, "router": router}  # fmt: skip
-    opts = train.TrainOptions(seq_lens=_lengths(seq_lens), steps_per_length=steps_per_length,
-                              tokens_per_step=tokens_per_step, lr=lr, warmup_steps=warmup_steps,
-                              weight_decay=weight_decay, max_grad_norm=max_grad_norm, val_tokens=val_tokens,
-                              seed=seed, grad_checkpoint=grad_checkpoint, train_chunk=train_chunk)  # fmt: skip
-    corpus_opts = train.CorpusOptions(root=str(root.resolve()), val_share=val_share, max_tokens=max_tokens)
-    results = train.train(model, opts, corpus_opts, out, overwrite=overwrite, progress=not quiet)
+        named = "--repo" if repo else "--corpus" if corpus else "bk.corpus.root"
+        raise UserError(f"{named} {root}: " + ("not a directory" if root.exists() else "no such directory"))
+    results = train.train(bk.model, bk.train, bk.corpus, out, overwrite=overwrite, progress=not quiet)
     click.echo(results["table"] + f"written: {Path(out) / 'results.json'}, {Path(out) / 'summary.txt'}")
 
 
 @bk_group.command("eval", short_help="Stream tokens through a bk checkpoint.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option(
+@_setting(
     "--stream-tokens",
+    key="bk.eval.stream_tokens",
     type=click.IntRange(min=0),
-    default=1 << 20,
-    show_default=True,
     help="Tokens to stream (0: the whole source).",
 )
-@click.option(
+@_setting(
     "--corpus",
-    type=click.Path(path_type=Path),
-    default=None,
+    key="bk.eval.corpus",
+    type=click.Path(),
     help="Stream this directory's source files [default: the run's val slice].",
 )
-@click.option("--chunk", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
-@click.option(
+@_setting("--chunk", key="bk.eval.chunk", type=click.IntRange(min=1), help="Tokens per forward.")
+@_setting(
     "--length",
-    "seq_len",
+    key="bk.eval.seq_len",
     type=int,
-    default=None,
     help="Evaluate the checkpoint of this training length [default: the longest finished].",
 )
+@_config_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def bk_eval_cmd(run_dir, stream_tokens, corpus, chunk, seq_len, json_out, quiet):
+def bk_eval_cmd(run_dir, config_file, json_out, quiet, **settings):
     """Stream tokens through a bk run's checkpoint with its exact carried state: NLL, memory and speed at
     1K, 4K, 16K, ... tokens."""
     from mlx_ltc import atomic
     from mlx_ltc.research.bk import evaluate
 
     log = lambda line: click.echo(line, err=True)
-    result = evaluate.evaluate_run(run_dir, stream_tokens, corpus, chunk, seq_len, progress=not quiet, log=log)
+    result = evaluate.evaluate_run(run_dir, _config(config_file).bk.eval, progress=not quiet, log=log)
     if json_out:
         atomic.write_json(json_out, result)
     click.echo(evaluate.table(result), nl=False)
@@ -562,55 +605,48 @@ def mc_group():
     required=True,
     help="Run directory (continued when it holds an unfinished run with the same settings).",
 )
-@click.option(
+@_setting(
     "--max-steps",
+    key="mc.train.max_steps",
     type=click.IntRange(min=1),
-    default=60,
-    show_default=True,
     help="Updates per phase per cycle (GistNet, LensNet, LoRA).",
 )
-@click.option("--cycles", type=click.IntRange(min=1), default=2, show_default=True, help="GistNet -> LensNet -> LoRA.")
-@click.option(
+@_setting("--cycles", key="mc.train.cycles", type=click.IntRange(min=1), help="GistNet -> LensNet -> LoRA.")
+@_setting(
     "--lens-contexts",
+    key="mc.train.lens_contexts",
     type=click.IntRange(min=1),
-    default=6,
-    show_default=True,
     help="Contexts given counterfactual labels per cycle.",
 )
-@click.option(
+@_setting(
     "--budget",
+    key="mc.train.budget",
     type=click.IntRange(min=64),
-    default=512,
-    show_default=True,
     help="Working-context budget (positions) while training LensNet and LoRA.",
 )
-@click.option("--horizon", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens scored per sample.")
-@click.option(
+@_setting("--horizon", key="mc.train.horizon", type=click.IntRange(min=2), help="Tokens scored per sample.")
+@_setting(
     "--contrast",
+    key="mc.train.contrast",
     type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
     help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).",
 )
-@click.option(
+@_setting(
     "--l2-steps",
+    key="mc.train.l2_steps",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
     help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).",
 )
-@click.option("--split", default="85/10/5", show_default=True, help="train/val/test shares (the dataset builder's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the initialisation and data order.")
+@_setting("--split", key="mc.train.split", help="train/val/test shares (the dataset builder's).")
+@_setting("--seed", key="mc.train.seed", type=int, help="Seeds the initialisation and data order.")
+@_config_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="Phase summaries only.")
-def mc_train_cmd(
-    repo, out, max_steps, cycles, lens_contexts, budget, horizon, contrast, l2_steps, split, seed, overwrite, quiet
-):
+def mc_train_cmd(repo, out, config_file, overwrite, quiet, **settings):
     """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
     from mlx_ltc.research.megacontext import run as mc
 
-    opts = mc.McOptions(cycles=cycles, max_steps=max_steps, lens_contexts=lens_contexts, budget=budget,
-                        horizon=horizon, contrast=contrast, l2_steps=l2_steps, split=split, seed=seed)  # fmt: skip
+    opts = _config(config_file).mc.train
     state = mc.train_run(
         repo, out, opts, overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True)
     )
@@ -626,27 +662,29 @@ def mc_train_cmd(
     required=True,
     help="Rows {budget, condition, nll, ci_low, ci_high} go here.",
 )
-@click.option(
-    "--budgets",
-    callback=_int_list,
-    default="256,512,1024",
-    show_default=True,
-    help="Working-context budgets (positions) to evaluate.",
+@_setting(
+    "--budgets", key="mc.eval.budgets", callback=_int_list, help="Working-context budgets (positions) to evaluate."
 )
-@click.option("--horizon", type=click.IntRange(min=2), default=128, show_default=True, help="Scored tokens per file.")
-@click.option("--min-tokens", type=int, default=3000, show_default=True, help="Shortest held-out file scored.")
-@click.option("--max-tokens", type=int, default=6000, show_default=True, help="Longest held-out file scored.")
-@click.option("--max-files", type=int, default=0, help="Score at most this many files [default: all].")
-@click.option("--base", is_flag=True, help="Leave the trained LoRA out: every condition on the frozen base.")
+@_setting("--horizon", key="mc.eval.horizon", type=click.IntRange(min=2), help="Scored tokens per file.")
+@_setting("--min-tokens", key="mc.eval.min_tokens", type=int, help="Shortest held-out file scored.")
+@_setting("--max-tokens", key="mc.eval.max_tokens", type=int, help="Longest held-out file scored.")
+@_setting("--max-files", key="mc.eval.max_files", type=int, help="Score at most this many files [default: all].")
+@_setting(
+    "--base",
+    key="mc.eval.base",
+    is_flag=True,
+    help="Leave the trained LoRA out: every condition on the frozen base.",
+)
+@_config_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def mc_eval_cmd(run_dir, json_out, budgets, horizon, min_tokens, max_tokens, max_files, base, quiet):
+def mc_eval_cmd(run_dir, json_out, config_file, quiet, **settings):
     """NLL of held-out files' ends: truncation vs gists vs LensNet focus vs full context, with bootstrap CIs."""
     from mlx_ltc import atomic
     from mlx_ltc.research.megacontext import run as mc
 
-    result = mc.evaluate_run(run_dir, budgets, horizon, min_tokens, max_tokens, max_files, base_only=base,
-                             progress=not quiet, log=lambda m: click.echo(m, err=True))  # fmt: skip
-    report = Path(run_dir) / ("eval-base.json" if base else "eval.json")
+    opts = _config(config_file).mc.eval
+    result = mc.evaluate_run(run_dir, opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    report = Path(run_dir) / ("eval-base.json" if opts.base else "eval.json")
     atomic.write_json(report, result)
     atomic.write_json(json_out, result["rows"] + result["identifier_rows"])
     click.echo(mc.table(result) + f"written: {json_out}, {report}")

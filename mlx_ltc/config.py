@@ -140,6 +140,155 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CompletionConfig:
+    """The repo code-completion benchmark (`mlx-ltc eval --completion`)."""
+
+    targets: int = 200  # held-out lines in all, half cross-file, half random
+    budgets: list[int] = field(default_factory=list)  # prompt budgets in tokens; empty: 512 and the trained length
+    modes: list[str] = field(default_factory=list)  # in_file | cross_file | fim; empty: in_file, cross_file (+ fim)
+    max_tokens: int = 64  # generated tokens per target at most
+    per_file: int = 0  # targets per file and kind at most; 0: max(4, 2 x targets / files)
+    seed: int = 0
+    resamples: int = 1000  # bootstrap resamples
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `mlx-ltc eval RUN` command (not `eval`, which is what train's own final report measures)."""
+
+    base: bool = False  # also evaluate the base model, side by side
+    lengths: list[int] = field(default_factory=list)  # evaluation lengths; empty: 512 ... 2 x the trained length
+    context_tokens: int = 16_384  # test-split tokens scored at every evaluation length
+    windows: list[int] = field(default_factory=list)  # streaming KV windows; empty: 1/2, 1, 2 x the trained length
+    stream_tokens: int = 32_768  # tokens in the streaming evaluation; 0: the whole source
+    stream_corpus: str | None = None  # stream this directory's source files; None: the test split
+    chunk: int = 512  # streaming prefill chunk
+    qa_split: str = "test"  # test | val: whose QA probes are asked
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])  # perplexity on these
+    forgetting_tokens: int = 16_384  # standard-library tokens for the forgetting check; 0: none
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """`mlx-ltc profile`: the search for the longest training step that fits (the step's model, LoRA and memory
+    engine are their own sections')."""
+
+    memory_budget: str | None = None  # e.g. 5.3GB (an 8 GB Mac); None: what this machine allows
+    max_len: int | None = None  # the longest length tried; None: 8192 on a CPU, 131072 on a GPU
+    granularity: int = 256  # the bisection stops at this resolution
+    start: int = 256  # the first length tried (then doubled)
+    batch_size: int = 1  # sequences per step
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`mlx-ltc compare`: MLX against the torch reference (the MLX side's memory engine: the `memory` section)."""
+
+    model: str = "tiny-starcoder2"
+    steps: int = 5  # optimizer steps on both sides
+    seq_len: int = 128
+    batch_size: int = 2
+    source: str | None = None  # directory of Python files the batches are made from; None: mlx_ltc's own source
+    reference_dtype: str = "float32"  # float32 | float64 (tells MLX's own rounding apart)
+
+
+@dataclass(frozen=True)
+class BkModelConfig:
+    """The BK model's size (research/bk/model.py's BKConfig takes its defaults from here)."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    channels: int | None = None  # BK channels per layer; None: d_model
+    n_experts: int = 4
+    top_k: int = 2  # experts per token (learned router)
+    expert_hidden: int = 512
+    router: str = "learned"  # learned | scattering: parameter-free, top-1 by the phase of the Green's function
+
+
+@dataclass(frozen=True)
+class BkTrainConfig:
+    seq_lens: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192, 32768, 131072])  # shortest first
+    steps_per_length: int = 200
+    tokens_per_step: int = 32768  # batch = max(1, this // length): a longer length trains one sequence per update
+    lr: float = 1e-3  # peak of each length's warmup + cosine
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20  # per length, at most a fifth of its steps after the first
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    val_tokens: int = 65536  # per length, at least one window
+    seed: int = 0  # the initialisation and the data order
+    grad_checkpoint: bool = False  # recompute each block in the backward: less memory at long lengths
+    train_chunk: int = 8192  # longer sequences go through forward/backward a chunk at a time; 0: never
+    inject_nan: list[int] = field(default_factory=list)  # fault injection: update attempts whose gradients are NaN
+
+
+@dataclass(frozen=True)
+class BkCorpusConfig:
+    root: str | None = None  # directory whose source files are tokenized; None: this Python's standard library
+    val_share: float = 0.05  # share of files held out for val
+    max_tokens: int = 0  # tokenize files until this many tokens; 0: all
+
+
+@dataclass(frozen=True)
+class BkEvalConfig:
+    stream_tokens: int = 1 << 20  # 0: the whole source
+    corpus: str | None = None  # stream this directory's source files; None: the run's val slice
+    chunk: int = 4096  # tokens per forward
+    seq_len: int | None = None  # the checkpoint of this training length; None: the longest finished
+
+
+@dataclass(frozen=True)
+class BkSection:
+    """[research] `bk train` (model, train, corpus) and `bk eval`."""
+
+    model: BkModelConfig = field(default_factory=BkModelConfig)
+    train: BkTrainConfig = field(default_factory=BkTrainConfig)
+    corpus: BkCorpusConfig = field(default_factory=BkCorpusConfig)
+    eval: BkEvalConfig = field(default_factory=BkEvalConfig)
+
+
+@dataclass(frozen=True)
+class McTrainConfig:
+    model: str = ModelConfig.name  # the frozen base
+    split: str = DataConfig.split  # the dataset builder's train/val/test shares
+    cycles: int = 2  # GistNet -> LensNet -> LoRA
+    max_steps: int = 60  # updates per phase per cycle (GistNet, LensNet, LoRA)
+    lens_contexts: int = 6  # contexts given counterfactual labels per cycle
+    lens_candidates: int = 12  # entries labelled per context
+    budget: int = 512  # working-context budget (positions) of the LensNet and LoRA phases
+    horizon: int = 64  # tokens scored per sample
+    blocks: int = 8  # GistNet windows: `blocks` blocks (all but `keep` gisted) + horizon
+    keep: int = 2
+    batch: int = 2
+    lr: float = 1e-3
+    contrast: float = 1.0  # weight of GistNet's own-vs-other-gists hinge; 0: KL + NLL only
+    l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones; 0: an L2 gist is its last L1 gist
+    lora_rank: int = 4
+    lora_layers: int = 4
+    lora_lr: float = 2e-4
+    seed: int = 0  # the initialisation and the data order
+
+
+@dataclass(frozen=True)
+class McEvalConfig:
+    budgets: list[int] = field(default_factory=lambda: [256, 512, 1024])  # working-context budgets (positions)
+    horizon: int = 128  # scored tokens per file
+    min_tokens: int = 3000  # shortest held-out file scored
+    max_tokens: int = 6000  # longest held-out file scored
+    max_files: int = 0  # score at most this many files; 0: all
+    base: bool = False  # leave the trained LoRA out: every condition on the frozen base
+
+
+@dataclass(frozen=True)
+class McSection:
+    """[research] MegaContext: `mc train` and `mc eval`."""
+
+    train: McTrainConfig = field(default_factory=McTrainConfig)
+    eval: McEvalConfig = field(default_factory=McEvalConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +300,12 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the other commands' options; `evaluate` is `mlx-ltc eval`'s, `eval` above is train's final report
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    bk: BkSection = field(default_factory=BkSection)
+    mc: McSection = field(default_factory=McSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,6 +321,11 @@ _CHOICES = {
     "train.backend": ("mlx", "torch"),
     "orchestrator.overfit_action": ("stop", "regularize"),
     "orchestrator.report_to": ("none", "wandb"),
+    "evaluate.qa_split": ("test", "val"),
+    "evaluate.splits": ("val", "test"),  # each item
+    "evaluate.completion.modes": ("in_file", "cross_file", "fim"),  # each item
+    "compare.reference_dtype": ("float32", "float64"),
+    "bk.model.router": ("learned", "scattering"),
 }
 _POSITIVE = {
     "data.seq_len",
@@ -186,6 +346,26 @@ _POSITIVE = {
     "stability.nan_limit",
     "checkpoint.keep_last",
 }
+# every key's lower bound (a list's holds for each item)
+_AT_LEAST = dict.fromkeys(_POSITIVE, 1) | {
+    "evaluate.context_tokens": 1, "evaluate.chunk": 1, "evaluate.lengths": 1, "evaluate.windows": 1,
+    "evaluate.stream_tokens": 0, "evaluate.forgetting_tokens": 0,
+    "evaluate.completion.targets": 2, "evaluate.completion.budgets": 1, "evaluate.completion.max_tokens": 1,
+    "evaluate.completion.per_file": 0, "evaluate.completion.resamples": 1,
+    "compare.steps": 1, "compare.seq_len": 1, "compare.batch_size": 1,
+    "profile.max_len": 1, "profile.granularity": 1, "profile.start": 1, "profile.batch_size": 1,
+    "bk.model.d_model": 1, "bk.model.n_layers": 1, "bk.model.channels": 1, "bk.model.n_experts": 1,
+    "bk.model.top_k": 1, "bk.model.expert_hidden": 1,
+    "bk.train.steps_per_length": 1, "bk.train.tokens_per_step": 1, "bk.train.val_tokens": 1,
+    "bk.train.warmup_steps": 0, "bk.train.train_chunk": 0, "bk.train.inject_nan": 1, "bk.corpus.max_tokens": 0,
+    "bk.eval.stream_tokens": 0, "bk.eval.chunk": 1, "bk.eval.seq_len": 2,
+    "mc.train.cycles": 1, "mc.train.max_steps": 1, "mc.train.lens_contexts": 1, "mc.train.lens_candidates": 1,
+    "mc.train.budget": 64, "mc.train.horizon": 2, "mc.train.blocks": 1, "mc.train.keep": 0, "mc.train.batch": 1,
+    "mc.train.l2_steps": 0, "mc.train.lora_rank": 1, "mc.train.lora_layers": 1,
+    "mc.eval.budgets": 1, "mc.eval.horizon": 2, "mc.eval.min_tokens": 0, "mc.eval.max_files": 0,
+}  # fmt: skip
+_ABOVE_ZERO = {"bk.train.lr", "bk.train.max_grad_norm", "mc.train.lr", "mc.train.lora_lr"}
+_AT_LEAST_ZERO = {"bk.train.weight_decay", "mc.train.contrast"}
 
 
 def _check_type(key, value, hint):
@@ -209,39 +389,88 @@ def _check_type(key, value, hint):
     return value
 
 
+def _unknown(name: str, where: str) -> UserError:
+    hint = ""
+    if name.startswith("eval.") and name[5:] in {f.name for f in dataclasses.fields(EvaluateConfig)}:
+        hint = " (the `mlx-ltc eval` command's options are in the `evaluate` section)"
+    return UserError(f"config{where}: unknown key {name}{hint}")
+
+
+def _merged(section, updates: dict, prefix: str, where: str):
+    """A copy of the section dataclass with the nested dict of updates applied."""
+    hints = typing.get_type_hints(type(section))
+    changes = {}
+    for key, value in updates.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in hints and not prefix:
+            raise UserError(f"config{where}: unknown section {key!r}")
+        if key not in hints:
+            raise _unknown(name, where)
+        if not dataclasses.is_dataclass(hints[key]):
+            changes[key] = _check_type(name, value, hints[key])
+        elif value is not None:  # an empty section in YAML
+            if not isinstance(value, dict):
+                raise UserError(f"config{where}: section {name!r} must be a mapping")
+            changes[key] = _merged(getattr(section, key), value, name, where)
+    return dataclasses.replace(section, **changes)
+
+
 def merge(config: Config, updates: dict, source: str = "") -> Config:
     """A new Config with a nested dict of overrides applied, rejecting unknown keys and wrong types."""
     where = f" (in {source})" if source else ""
     if not isinstance(updates, dict):
         raise UserError(f"config{where}: expected a mapping of sections, got {type(updates).__name__}")
-    sections = {}
-    for section, values in updates.items():
-        if section not in {f.name for f in dataclasses.fields(config)}:
-            raise UserError(f"config{where}: unknown section {section!r}")
-        if values is None:
-            continue
-        target = getattr(config, section)
-        if not isinstance(values, dict):
-            raise UserError(f"config{where}: section {section!r} must be a mapping")
-        hints = typing.get_type_hints(type(target))
-        for key in values:
-            if key not in hints:
-                raise UserError(f"config{where}: unknown key {section}.{key}")
-        checked = {key: _check_type(f"{section}.{key}", value, hints[key]) for key, value in values.items()}
-        sections[section] = dataclasses.replace(sections.get(section, target), **checked)
-    config = dataclasses.replace(config, **sections)
+    config = _merged(config, updates, "", where)
     validate(config)
     return config
 
 
+def _leaves(section, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+    """(dotted key, value) of every setting under a section dataclass, nested sections included."""
+    for f in dataclasses.fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def default(key: str):
+    """The built-in default of a dotted key, e.g. default("bk.train.lr")."""
+    value = Config()
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _check_split(key: str, split: str) -> None:
+    try:
+        shares = [float(x) for x in split.split("/")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
+        raise UserError(f"config: {key} must be train/val/test shares like 85/10/5, got {split!r}")
+
+
+def _check_bounds(key: str, value) -> None:
+    items = value if isinstance(value, list) else [value]
+    if key in _CHOICES and any(v not in _CHOICES[key] for v in items):
+        choices = ", ".join(map(str, _CHOICES[key]))
+        if isinstance(value, list):
+            unknown = ", ".join(str(v) for v in items if v not in _CHOICES[key])
+            raise UserError(f"config: {key}: unknown {unknown} (choose from {choices})")
+        raise UserError(f"config: {key} must be one of {choices}; got {value!r}")
+    if key in _AT_LEAST and any(v is not None and v < _AT_LEAST[key] for v in items):
+        raise UserError(f"config: {key} must be at least {_AT_LEAST[key]}, got {value}")
+    if key in _ABOVE_ZERO and not value > 0:
+        raise UserError(f"config: {key} must be positive, got {value}")
+    if key in _AT_LEAST_ZERO and value < 0:
+        raise UserError(f"config: {key} must be 0 or more, got {value}")
+
+
 def validate(config: Config) -> None:
-    for section in dataclasses.fields(config):
-        for f in dataclasses.fields(getattr(config, section.name)):
-            key, value = f"{section.name}.{f.name}", getattr(getattr(config, section.name), f.name)
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise UserError(f"config: {key} must be one of {', '.join(map(str, _CHOICES[key]))}; got {value!r}")
-            if key in _POSITIVE and value is not None and value < 1:
-                raise UserError(f"config: {key} must be at least 1, got {value}")
+    for key, value in _leaves(config):
+        _check_bounds(key, value)
     if config.memory.layers_per_stage < 0 or config.memory.loss_chunk < 0:
         raise UserError("config: memory.layers_per_stage and memory.loss_chunk must be 0 (auto) or more")
     if config.memory.staged and config.lora.dropout > 0:
@@ -249,12 +478,7 @@ def validate(config: Config) -> None:
     if config.data.seq_len is not None and config.data.seq_len < 16:
         raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
     d = config.data
-    try:
-        shares = [float(x) for x in d.split.split("/")]
-    except ValueError:
-        shares = []
-    if len(shares) != 3 or min(shares) < 0 or shares[0] <= 0 or shares[1] <= 0:
-        raise UserError(f"config: data.split must be train/val/test shares like 85/10/5, got {d.split!r}")
+    _check_split("data.split", d.split)
     if not (
         0 <= d.fim_rate <= 1
         and 0 <= d.augment <= 1
@@ -288,6 +512,32 @@ def validate(config: Config) -> None:
     bad = [m for m in e.completion_modes if m not in ("in_file", "cross_file", "fim")]
     if bad or (e.completion_targets and not e.completion_modes):
         raise UserError(f"config: eval.completion_modes must be in_file, cross_file or fim, got {e.completion_modes}")
+    _validate_commands(config)
+
+
+def _validate_commands(config: Config) -> None:
+    """The checks of the other commands' sections that are more than a bound or a choice per key."""
+    if not config.evaluate.splits:
+        raise UserError("config: evaluate.splits must name val, test or both")
+    search = config.profile
+    if search.max_len is not None and search.max_len < search.start:
+        raise UserError(f"config: profile.max_len ({search.max_len}) must be at least profile.start ({search.start})")
+    bk = config.bk
+    if bk.model.top_k > bk.model.n_experts:
+        raise UserError(f"config: bk.model.top_k ({bk.model.top_k}) must be at most bk.model.n_experts")
+    lens = bk.train.seq_lens
+    if not lens or min(lens) < 2 or lens != sorted(set(lens)):
+        raise UserError(f"config: bk.train.seq_lens must be increasing lengths of at least 2 tokens, got {lens}")
+    if not 0 <= bk.train.min_lr_ratio <= 1:
+        raise UserError(f"config: bk.train.min_lr_ratio must be in [0, 1], got {bk.train.min_lr_ratio}")
+    if not 0 < bk.corpus.val_share < 1:
+        raise UserError(f"config: bk.corpus.val_share must be between 0 and 1, got {bk.corpus.val_share}")
+    mc = config.mc
+    _check_split("mc.train.split", mc.train.split)
+    if not mc.eval.budgets:
+        raise UserError("config: mc.eval.budgets must give at least one budget")
+    if mc.eval.max_tokens < mc.eval.min_tokens:
+        raise UserError(f"config: mc.eval.max_tokens must be at least mc.eval.min_tokens ({mc.eval.min_tokens})")
 
 
 def load_file(path) -> dict:
@@ -314,6 +564,16 @@ def build_given(config_file=None, overrides: dict | None = None) -> tuple[Config
     from_file = load_file(config_file) if config_file is not None else {}
     config = merge(Config(), from_file, source=str(config_file)) if from_file else Config()
     config = merge(config, overrides or {}, source="command line")
-    given = {f"{s}.{k}": "file" for s, values in from_file.items() for k in (values or {})}
-    given |= {f"{s}.{k}": "flag" for s, values in (overrides or {}).items() for k in (values or {})}
+    given = dict.fromkeys(_keys(from_file), "file") | dict.fromkeys(_keys(overrides or {}), "flag")
     return config, given
+
+
+def _keys(updates: dict, prefix: str = "") -> list:
+    """The dotted keys a nested dict of updates sets."""
+    keys = []
+    for name, value in updates.items():
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{name}.")
+        elif prefix:
+            keys.append(prefix + name)
+    return keys

@@ -12,12 +12,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlx_ltc import atomic, config
 from mlx_ltc.config import Config, MemoryConfig
 from mlx_ltc.errors import UserError
+from mlx_ltc.records import Record
 
-PLAN = "plan.json"
+if TYPE_CHECKING:
+    from mlx_ltc.hardware.profile import Profile
+
+PLAN, INFO = "plan.json", "config.json"
 # where a value came from: the command line, the YAML file, the config's default, a config built in code
 # (no flag or file to name), the analysis' derived constants, the memory profile, or what the backend allows
 SOURCES = ("flag", "file", "default", "config", "derived", "profile", "backend")
@@ -69,6 +74,29 @@ class RunPlan:
         atomic.write_json(Path(run_dir) / PLAN, self.to_json())
 
 
+@dataclass(frozen=True)
+class RunInfo(Record):
+    """config.json: what a training run was started from and where it runs (the marker of a run directory)."""
+
+    config: dict  # the resolved config (plan.json's, for runs from before plans the only copy)
+    model_dir: str
+    repo: str
+    compute: dict = dataclasses.field(default_factory=dict)  # hardware, backend, dtype, the model's fixes
+    mlx_ltc_version: str = ""
+    argv: list = dataclasses.field(default_factory=list)
+
+    def save(self, run_dir: Path) -> None:
+        atomic.write_json(Path(run_dir) / INFO, self.to_json())
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunInfo":
+        path = Path(run_dir) / INFO
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not readable ({e.__class__.__name__}: {e})") from None
+
+
 def load(run_dir: Path) -> RunPlan | None:
     """The run's plan; None for a run written before plans existed (its config.json holds the config)."""
     path = Path(run_dir) / PLAN
@@ -108,8 +136,8 @@ def effective_memory(cfg: Config, policy: dict) -> MemoryConfig:
 
 def _derived(constants: dict, name: str) -> Choice:
     c = constants[name]
-    inputs = ", ".join(f"{k} {v}" for k, v in c.get("inputs", {}).items())
-    return Choice(c["value"], "derived", c["formula"] + (f" ({inputs})" if inputs else ""))
+    inputs = ", ".join(f"{k} {v}" for k, v in c.inputs.items())
+    return Choice(c.value, "derived", c.formula + (f" ({inputs})" if inputs else ""))
 
 
 def check(cfg: Config, backend) -> None:
@@ -121,7 +149,7 @@ def check(cfg: Config, backend) -> None:
         )
 
 
-def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: dict | None) -> RunPlan:
+def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: "Profile | None") -> RunPlan:
     """The frozen plan. `given` maps "section.key" to "flag" or "file" for the values the user set;
     `policy` is `memory_policy`'s; `constants` the analysis' derived constants (computed at the given
     sequence length when there is one); `profile` the cached memory profile or None."""
@@ -152,21 +180,21 @@ def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, pr
     else:
         phases = _derived(constants, "phases")
 
-    budget = f"memory profile: longest step {profile['max_seq_len']:,} tokens" if profile else ""
+    budget = f"memory profile: longest step {profile.max_seq_len:,} tokens" if profile else ""
     if cfg.train.batch_size is not None:
         batch = user("train.batch_size")
     elif profile is None:
         batch = Choice(1, "default", "no `mlx-ltc profile` for this model and backend")
     else:  # the engine's peak grows ~linearly with batch x length
-        value = max(1, min(8, profile["max_seq_len"] * profile["batch_size"] // seq_len.value))
+        value = max(1, min(8, profile.max_seq_len * profile.batch_size // seq_len.value))
         batch = Choice(value, "profile", budget)
 
     layers = user("memory.layers_per_stage")
     if not policy["staged"].value:
         layers = Choice(0, layers.source, "not staged")
     elif not layers.value:
-        if profile is not None and seq_len.value * batch.value >= profile["max_seq_len"]:
-            layers = Choice(profile["layers_per_stage"], "profile", budget)
+        if profile is not None and seq_len.value * batch.value >= profile.max_seq_len:
+            layers = Choice(profile.layers_per_stage, "profile", budget)
         else:
             layers = Choice(1, "default", "every layer's input kept")
 

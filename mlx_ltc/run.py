@@ -15,6 +15,8 @@ from pathlib import Path
 from mlx_ltc import __version__, atomic, backend, data, hardware, models, plan
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
+from mlx_ltc.eval import Perplexity
+from mlx_ltc.eval.results import DataSummary, TrainReport, ValNumbers
 from mlx_ltc.runtime.rundir import COMPLETE, RunDir
 
 BASE_EVAL = "base_eval.json"
@@ -35,42 +37,40 @@ def cached_profile(model_name: str, memory, cache_dir: Path):
     return profile.cached(cache_dir, model_name, asdict(memory))
 
 
-def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profile=None, progress=True):
+def prepare_data(cfg: Config, scan, tokenizer, out: Path, cache_dir: Path, profile=None, progress=True) -> tuple:
     """analyze + build (`mlx-ltc build`): the dataset in `out` at the config's sequence length, or the
     derived one when it has none, and the analysis."""
     corpus = data.Corpus.cached(scan, tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
-    meta = data.build(
-        corpus, out, cfg.data.seq_len or analysis["constants"]["seq_len"]["value"], analysis, progress=progress
-    )
+    meta = data.build(corpus, out, cfg.data.seq_len or analysis.constant("seq_len"), analysis, progress=progress)
     _log(data_summary(meta))
     return meta, analysis
 
 
-def data_summary(meta: dict) -> str:
-    s = meta["splits"]
+def data_summary(meta: data.DatasetMeta) -> str:
+    s = meta.splits
     line = (
-        f"data: {meta['files']} files -> {s['train']['sequences']} / {s['val']['sequences']} / "
-        f"{s['test']['sequences']} train/val/test sequences of {meta['seq_len']:,} tokens; "
-        f"packing efficiency {meta['packing_efficiency']:.3f}"
+        f"data: {meta.files} files -> {s['train'].sequences} / {s['val'].sequences} / "
+        f"{s['test'].sequences} train/val/test sequences of {meta.seq_len:,} tokens; "
+        f"packing efficiency {meta.packing_efficiency:.3f}"
     )
-    extras = [f"{n} {k}" for k, n in sorted(meta["documents"].items()) if k != "file"]
-    if meta["skipped"]:
-        extras.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(meta["skipped"].items())))
-    if meta["cache"]["cached"]:
-        extras.append(f"{meta['cache']['cached']} files from cache")
+    extras = [f"{n} {k}" for k, n in sorted(meta.documents.items()) if k != "file"]
+    if meta.skipped:
+        extras.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(meta.skipped.items())))
+    if meta.cache.cached:
+        extras.append(f"{meta.cache.cached} files from cache")
     return line + (f" ({'; '.join(extras)})" if extras else "") + "\n" + mix_summary(meta)
 
 
-def mix_summary(meta: dict) -> str:
+def mix_summary(meta: data.DatasetMeta) -> str:
     """One line per split: its tokens by document kind, with the chains' share."""
     lines = []
-    for name, kinds in meta["mix"].items():
+    for name, kinds in (meta.mix or {}).items():
         total = sum(kinds.values())
         parts = ", ".join(f"{kind} {n:,}" for kind, n in sorted(kinds.items()))
         chains = f" (chains {kinds.get('chain', 0) / total:.0%})" if total else ""
         lines.append(f"  {name}: {total:,} tokens: {parts}{chains}")
-    cap = meta["config"].get("chain_share", 1.0)
+    cap = meta.config.get("chain_share", 1.0)  # datasets built before the cap have no key
     head = "data mix" + (f" (chains capped at {cap:.0%} of each split)" if cap < 1 else "")
     return head + ":\n" + "\n".join(lines)
 
@@ -88,7 +88,7 @@ def run_train(
     cache_dir=None,
     progress: bool = True,
     given: dict | None = None,
-) -> dict:
+) -> TrainReport:
     """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given)."""
     started = time.perf_counter()
     out = Path(out)
@@ -110,18 +110,18 @@ def run_train(
     profile = cached_profile(cfg.model.name, memory, cache_dir) if compute_with.name == "mlx" else None
     corpus = data.Corpus.cached(scan, loaded.tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
-    run_plan = plan.resolve(cfg, given, compute_with, policy, analysis["constants"], profile)
+    run_plan = plan.resolve(cfg, given, compute_with, policy, analysis.constants, profile)
     _log(run_plan.describe())
     cfg = run_plan.config
     compute_with.prepare(loaded, cfg)
     staging = out.parent / f".{out.name}.data.tmp"  # the dataset is moved into the run directory below
     meta = data.build(corpus, staging, cfg.data.seq_len, analysis, progress=progress)
     _log(data_summary(meta))
-    if meta["splits"]["train"]["sequences"] == 0 or meta["splits"]["val"]["sequences"] == 0:
+    if meta.splits["train"].sequences == 0 or meta.splits["val"].sequences == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(
             f"repo {scan.root} is too small to hold out validation files: "
-            f"{len(meta['files_by_split']['train'])} train / {len(meta['files_by_split']['val'])} val files"
+            f"{len(meta.files_by_split['train'])} train / {len(meta.files_by_split['val'])} val files"
         )
     compute = {
         **hardware.describe(),
@@ -133,17 +133,7 @@ def run_train(
     run_dir(out).create(verdict)  # only now that the inputs are known to be good
     staging.rename(out / "data")
     run_plan.save(out)
-    atomic.write_json(
-        out / "config.json",
-        {
-            "mlx_ltc_version": __version__,
-            "argv": sys.argv,
-            "repo": str(scan.root),
-            "config": cfg.to_dict(),
-            "model_dir": str(model_dir),
-            "compute": compute,
-        },
-    )
+    plan.RunInfo(cfg.to_dict(), str(model_dir), str(scan.root), compute, __version__, sys.argv).save(out)
 
     _log("eval: base model")
     val_split = data.load_split(out / "data", "val")
@@ -153,7 +143,7 @@ def run_train(
     return _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir)
 
 
-def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> dict:
+def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> TrainReport:
     """`mlx-ltc train --resume RUN_DIR`: continue an interrupted run from its newest whole checkpoint."""
     from mlx_ltc import config
 
@@ -165,14 +155,14 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
         raise UserError(f"--resume {run_dir}: the run is already complete")
     if not (run_dir / BASE_EVAL).is_file() or not (run_dir / "checkpoints").is_dir():
         raise UserError(f"--resume {run_dir}: the run stopped before training began; start it again")
-    info = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    info = plan.RunInfo.read(run_dir)
     run_plan = plan.load(run_dir)  # runs from before plans: config.json holds the resolved config
-    cfg = run_plan.config if run_plan else config.build(None, info["config"])
+    cfg = run_plan.config if run_plan else config.build(None, info.config)
     compute_with = backend.get(cfg.train.backend)
     if compute_with.name != "mlx":
         raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
-    model_dir = Path(info["model_dir"])
+    model_dir = Path(info.model_dir)
     if not model_dir.is_dir():
         model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     loaded = compute_with.load(model_dir, cfg, _log)
@@ -181,9 +171,9 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
 
 
 def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir, resume=False, max_steps=None):
-    info = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    info = plan.RunInfo.read(out)
     meta = data.load_metadata(out / "data")
-    if meta["tokenizer_hash"] != data.tokenizer_hash(loaded.tokenizer):
+    if meta.tokenizer_hash != data.tokenizer_hash(loaded.tokenizer):
         raise UserError(f"{out / 'data'} was built with another tokenizer than {cfg.model.name}'s")
     base = json.loads((out / BASE_EVAL).read_text(encoding="utf-8"))
     train_split, val_split = data.load_split(out / "data", "train"), data.load_split(out / "data", "val")
@@ -191,66 +181,52 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_d
     adapter_config.update(
         {
             "model": cfg.model.name,
-            "base_model_dir": info["model_dir"],
+            "base_model_dir": info.model_dir,
             "seq_len": cfg.data.seq_len,
-            "tokenizer_hash": meta["tokenizer_hash"],
+            "tokenizer_hash": meta.tokenizer_hash,
         }
     )
     result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps)
     compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
     adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)
     if compute_with.name == "mlx":
-        beyond = final_measures(cfg, loaded, out, meta, Path(info["repo"]), cache_dir, progress)
+        beyond = final_measures(cfg, loaded, out, meta, Path(info.repo), cache_dir, progress)
     else:
         beyond = {"notes": ["--backend torch: no completion benchmark or forgetting check (they run on MLX)"]}
 
-    report = {
-        "mlx_ltc_version": __version__,
-        "model": cfg.model.name,
-        "model_dir": info["model_dir"],
-        "adapter_dir": str(out / "adapters"),
-        "repo": info["repo"],
-        "compute": info["compute"],
-        "data": {
-            "seq_len": meta["seq_len"],
-            "sequences": {k: v["sequences"] for k, v in meta["splits"].items()},
-            "packing_efficiency": meta["packing_efficiency"],
-            "skipped": meta["skipped"],
-            "files": {k: len(v) for k, v in meta["files_by_split"].items()},
-            "mix": meta.get("mix"),
-        },
-        "base": val_numbers(base),
-        "adapted": val_numbers(asdict(adapted)),
-        "train": asdict(result),
+    report = TrainReport(
+        mlx_ltc_version=__version__,
+        model=cfg.model.name,
+        model_dir=info.model_dir,
+        adapter_dir=str(out / "adapters"),
+        repo=info.repo,
+        compute=info.compute,
+        data=DataSummary(
+            seq_len=meta.seq_len,
+            sequences={k: v.sequences for k, v in meta.splits.items()},
+            packing_efficiency=meta.packing_efficiency,
+            skipped=meta.skipped,
+            files={k: len(v) for k, v in meta.files_by_split.items()},
+            mix=meta.mix,
+        ),
+        base=ValNumbers.of(Perplexity.from_json(base, str(out / BASE_EVAL))),
+        adapted=ValNumbers.of(adapted),
+        train=result,
         **beyond,
-        "wall_s": time.perf_counter() - started,
-        "resumed": resume,
-    }
-    atomic.write_json(out / "report.json", report)
+        wall_s=time.perf_counter() - started,
+        resumed=resume,
+    )
+    atomic.write_json(out / "report.json", report.to_json())
     atomic.write_text(out / "summary.txt", summary(report))
     run_dir(out).complete()
     return report
 
 
-def val_numbers(p: dict) -> dict:
-    """A validation perplexity for the report: overall, and of held-out files and commit chains alone."""
-    kinds = p.get("by_kind", {})
-    file, chain = kinds.get("file"), kinds.get("chain")
-    return {
-        "val_loss": p["loss"],
-        "val_ppl": p["ppl"],
-        "val_tokens": p["tokens"],
-        "file_ppl": file and file["ppl"],
-        "file_tokens": file["tokens"] if file else 0,
-        "chain_ppl": chain and chain["ppl"],
-        "chain_tokens": chain["tokens"] if chain else 0,
-    }
-
-
-def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Path, progress: bool) -> dict:
+def final_measures(cfg, loaded, out: Path, meta: data.DatasetMeta, repo: Path, cache_dir: Path, progress: bool) -> dict:
     """What the report measures after training beside validation perplexity, for the base model (the
     adapters switched off) and the adapted one: the forgetting check and the completion benchmark at
-    the trained length. A problem with either is a note in the report, never a lost run."""
+    the trained length, as TrainReport fields. A problem with either is a note in the report, never a
+    lost run."""
     from mlx_ltc.eval import completion, forgetting, perplexity
     from mlx_ltc.eval.report import TRAIN_RECORDS
     from mlx_ltc.train.lora import adapters_off
@@ -262,9 +238,8 @@ def final_measures(cfg, loaded, out: Path, meta: dict, repo: Path, cache_dir: Pa
         with adapters_off(model):
             before = perplexity(model, sample, cfg.train.eval_batch_size, "forgetting: base", progress)
         after = perplexity(model, sample, cfg.train.eval_batch_size, "forgetting: adapted", progress)
-        source["files"] = len(source["files"])
-        found["forgetting"] = {"base": asdict(before), "adapted": asdict(after), **source}
-        _log(f"eval: {source['source']}: perplexity base {before.ppl:.3f} -> adapted {after.ppl:.3f}")
+        found["forgetting"] = source.scored(base=before, adapted=after)
+        _log(f"eval: {source.source}: perplexity base {before.ppl:.3f} -> adapted {after.ppl:.3f}")
     modes = [m for m in e.completion_modes if m != "fim" or loaded_has_fim(tokenizer)]
     if e.completion_targets and modes:
         opts = completion.CompletionOptions(e.completion_targets, (cfg.data.seq_len,), tuple(modes))
@@ -297,43 +272,43 @@ def _ppl_change(before, after) -> str:
     return f"base {before:.3f} -> adapted {after:.3f} ({(after / before - 1) * 100:+.1f}%)"
 
 
-def summary(report: dict) -> str:
+def summary(report: TrainReport) -> str:
     from mlx_ltc.eval import completion
 
-    b, a, t = report["base"], report["adapted"], report["train"]
-    files = report["data"]["files"]
-    minutes, seconds = divmod(int(t["wall_s"]), 60)
-    if a.get("file_ppl") and b.get("file_ppl"):
-        head = f"held-out files' perplexity {_ppl_change(b['file_ppl'], a['file_ppl'])}"
-        lines = [
-            f"  held-out files ({files['val']} val files): {_ppl_change(b['file_ppl'], a['file_ppl'])}, "
-            f"over {a['file_tokens']:,} tokens"
-        ]
-        if a.get("chain_ppl") and b.get("chain_ppl"):
-            lines.append(
-                f"  their commit chains: {_ppl_change(b['chain_ppl'], a['chain_ppl'])}, "
-                f"over {a['chain_tokens']:,} tokens"
-            )
-    else:  # a report from before perplexity was split by document kind
-        head = f"validation perplexity {_ppl_change(b['val_ppl'], a['val_ppl'])}"
-        lines = []
-    forgot = report.get("forgetting")
+    t, files = report.train, report.data.files
+    head, lines = _perplexity_lines(report)
+    forgot = report.forgetting
     if forgot:
         lines.append(
-            f"  outside the repo ({forgot['source']}, {forgot['tokens']:,} tokens): "
-            f"{_ppl_change(forgot['base']['ppl'], forgot['adapted']['ppl'])}"
+            f"  outside the repo ({forgot.source}, {forgot.tokens:,} tokens): "
+            f"{_ppl_change(forgot.base.ppl, forgot.adapted.ppl)}"
         )
-    line = completion.headline(report.get("completion") or [])
+    line = completion.headline(report.completion or [])
     if line:
         lines.append(f"  {line}")
-    lines += [f"  note: {n}" for n in report.get("notes", [])]
+    lines += [f"  note: {n}" for n in report.notes or []]
+    minutes, seconds = divmod(int(t.wall_s), 60)
     return (
-        f"fine-tuned {report['model']} on {Path(report['repo']).name}: {head}\n"
+        f"fine-tuned {report.model} on {Path(report.repo).name}: {head}\n"
         + "".join(x + "\n" for x in lines)
-        + f"  training: {t['steps']} steps, {t['tokens']:,} tokens in {minutes}m{seconds:02d}s "
-        f"({t['tokens_per_s']:.0f} tokens/s), peak memory {t['peak_memory_gb']:.2f} GB; "
+        + f"  training: {t.steps} steps, {t.tokens:,} tokens in {minutes}m{seconds:02d}s "
+        f"({t.tokens_per_s:.0f} tokens/s), peak memory {t.peak_memory_gb:.2f} GB; "
         f"{files['train']} train files\n"
-        + (f"  run ended: {t['curriculum']['stopped']}\n" + t["curriculum"]["tables"] if t.get("curriculum") else "")
-        + f"  adapters: {report['adapter_dir']}\n"
-        f"  try: mlx_lm.generate --model {report['model_dir']} --adapter-path {report['adapter_dir']} --prompt '...'\n"
+        + (f"  run ended: {t.curriculum['stopped']}\n" + t.curriculum["tables"] if t.curriculum else "")
+        + f"  adapters: {report.adapter_dir}\n"
+        f"  try: mlx_lm.generate --model {report.model_dir} --adapter-path {report.adapter_dir} --prompt '...'\n"
     )
+
+
+def _perplexity_lines(report: TrainReport) -> tuple:
+    """(headline, lines): validation perplexity before and after, of held-out files and their commit chains."""
+    b, a = report.base, report.adapted
+    if not (a.file_ppl and b.file_ppl):  # a report from before perplexity was split by document kind
+        return f"validation perplexity {_ppl_change(b.val_ppl, a.val_ppl)}", []
+    lines = [
+        f"  held-out files ({report.data.files['val']} val files): {_ppl_change(b.file_ppl, a.file_ppl)}, "
+        f"over {a.file_tokens:,} tokens"
+    ]
+    if a.chain_ppl and b.chain_ppl:
+        lines.append(f"  their commit chains: {_ppl_change(b.chain_ppl, a.chain_ppl)}, over {a.chain_tokens:,} tokens")
+    return f"held-out files' perplexity {_ppl_change(b.file_ppl, a.file_ppl)}", lines

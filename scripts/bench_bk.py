@@ -50,7 +50,8 @@ from mlx_ltc.research.bk import BKConfig, BKModel, data
 from mlx_ltc.research.bk.evaluate import chunk_nll
 from mlx_ltc.research.bk import chunked
 from mlx_ltc.research.bk.chunked import mean_nll
-from mlx_ltc.research.bk.train import LengthRun, TrainOptions, check_corpus, length_phases  # `bk train`'s own steps
+from mlx_ltc.research.bk.train import LengthRun, check_corpus, length_phases  # `bk train`'s own steps
+from mlx_ltc.config import BkTrainConfig
 from mlx_ltc.train.update import enable_grad_checkpoint
 
 MODELS = ("bk", "transformer", "mamba")
@@ -154,9 +155,9 @@ def compare(args, bk_cfg: BKConfig) -> dict:
     corpus = data.tokenize(args.corpus, data.load_tokenizer(), args.val_share, args.max_tokens)
     bk_cfg.vocab_size = corpus.info["vocab_size"]
     check_corpus(corpus, args.lens)
-    opts = TrainOptions(seq_lens=args.lens, steps_per_length=args.steps, tokens_per_step=args.tokens_per_step,
-                        lr=args.lr, warmup_steps=args.steps // 5 if args.warmup is None else args.warmup,
-                        val_tokens=args.val_tokens, seed=args.seed)  # fmt: skip
+    opts = BkTrainConfig(seq_lens=args.lens, steps_per_length=args.steps, tokens_per_step=args.tokens_per_step,
+                         lr=args.lr, warmup_steps=args.steps // 5 if args.warmup is None else args.warmup,
+                         val_tokens=args.val_tokens, seed=args.seed)  # fmt: skip
     rows, configs = [], {}
     header = (
         f"{'length':>7} {'model':<12} {'train loss':>10} {'val loss':>9} {'tokens/s':>9} {'peak MB':>8} "

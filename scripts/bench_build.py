@@ -51,13 +51,13 @@ def child(repo, model, seq_len, cache, out):
     store.close()
     mb = sum(len(f.text.encode()) for f in scan.files) / 1e6
     print(json.dumps({
-        "source_mb": mb, "files": len(scan.files), "kept": meta["files"],
+        "source_mb": mb, "files": len(scan.files), "kept": meta.files,
         "scan_s": t_scan - t_tok, "process_s": corpus.process_s, "graph_filter_s": t_corpus - t_scan - corpus.process_s,
         "build_s": t_end - t_corpus, "total_s": t_end - t_tok, "setup_s": t_tok - start,
         "mb_per_s": mb / (t_end - t_tok), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cache": meta["cache"], "packing_efficiency": meta["packing_efficiency"],
-        "sequences": {k: v["sequences"] for k, v in meta["splits"].items()}, "dedup": meta["dedup"] | {"near_pairs": 0},
-        "skipped": meta["skipped"], "edges": len(corpus.graph.edges),
+        "cache": meta.cache.to_json(), "packing_efficiency": meta.packing_efficiency,
+        "sequences": {k: v.sequences for k, v in meta.splits.items()},
+        "dedup": {**meta.dedup.to_json(), "near_pairs": 0}, "skipped": meta.skipped, "edges": len(corpus.graph.edges),
     }))  # fmt: skip
 
 

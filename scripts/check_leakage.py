@@ -15,6 +15,8 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
+from mlx_ltc.data.metadata import load_metadata
+
 
 def words_minhash(text: str) -> MinHash:
     words = text.split()
@@ -28,9 +30,9 @@ def main():
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--threshold", type=float, default=0.85)
     args = parser.parse_args()
-    meta = json.loads((args.dataset / "metadata.json").read_text())
-    root = Path(meta["repo"])
-    by_split = meta["files_by_split"]
+    meta = load_metadata(args.dataset)
+    root = Path(meta.repo)
+    by_split = meta.files_by_split
     split_of = {p: s for s, paths in by_split.items() for p in paths}
     problems = []
 

@@ -21,6 +21,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load
 
+from mlx_ltc.data.metadata import load_metadata
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,8 +34,8 @@ def main():
     report = json.loads((args.run_dir / "report.json").read_text())
     model, _ = load(report["model_dir"], adapter_path=str(args.run_dir / "adapters"))
     data = args.run_dir / "data"
-    meta = json.loads((data / "metadata.json").read_text())
-    sequences = np.fromfile(data / "val.bin", dtype=meta["dtype"]).reshape(-1, meta["seq_len"])
+    meta = load_metadata(data)
+    sequences = np.fromfile(data / "val.bin", dtype=meta.dtype).reshape(-1, meta.seq_len)
     lines = (data / "val.jsonl").read_text().splitlines()[: args.max_windows]
     total, count, start = 0.0, 0, time.perf_counter()
     for line, row in zip(lines, sequences):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,9 +22,11 @@ from mlx_ltc.research.bk import BKConfig, BKModel
 from mlx_ltc.research.bk import data as bk_data
 from mlx_ltc.research.bk.evaluate import stream_eval
 from mlx_ltc.research.bk.loss import nll_per_token, tied_nll_sum
-from mlx_ltc.research.bk.train import CorpusOptions, TrainOptions, load_checkpoint, train, val_loss
+from mlx_ltc.research.bk.train import check_out, load_checkpoint, run_settings, train, val_loss
 from mlx_ltc.cli import cli
+from mlx_ltc.config import BkCorpusConfig, BkModelConfig, BkTrainConfig, Config
 from mlx_ltc.errors import UserError
+from mlx_ltc.runtime.rundir import CONTINUE
 
 TINY_MODEL = ("--d-model", "32", "--layers", "1", "--channels", "8", "--experts", "2", "--top-k", "1",
               "--expert-hidden", "32")  # fmt: skip
@@ -243,16 +246,16 @@ def test_ctrl_c_inside_a_length_saves_and_the_run_continues_exactly(cache_dir, c
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_a_diverging_run(cache_dir, corpus, tmp_path):
-    model = {"d_model": 16, "n_layers": 1, "channels": 8, "n_experts": 2, "top_k": 1, "expert_hidden": 16}
-    opts = TrainOptions(seq_lens=[32], steps_per_length=4, tokens_per_step=64, val_tokens=64, inject_nan=[2])
-    results = train(model, opts, CorpusOptions(str(corpus)), tmp_path / "a", progress=False, log=lambda m: None)
+    model = BkModelConfig(d_model=16, n_layers=1, channels=8, n_experts=2, top_k=1, expert_hidden=16)
+    opts = BkTrainConfig(seq_lens=[32], steps_per_length=4, tokens_per_step=64, val_tokens=64, inject_nan=[2])
+    results = train(model, opts, BkCorpusConfig(str(corpus)), tmp_path / "a", progress=False, log=lambda m: None)
     (row,) = results["lengths"]
     assert (row["nonfinite"], row["steps"], results["nonfinite"]) == (1, 3, 1)
     weights = tree_flatten(load_checkpoint(tmp_path / "a")[0].parameters())
     assert all(np.isfinite(np.array(w)).all() for _, w in weights)
-    opts.inject_nan = [2, 3, 4]
+    opts = replace(opts, inject_nan=[2, 3, 4])
     with pytest.raises(UserError, match="diverged"):
-        train(model, opts, CorpusOptions(str(corpus)), tmp_path / "b", progress=False, log=lambda m: None)
+        train(model, opts, BkCorpusConfig(str(corpus)), tmp_path / "b", progress=False, log=lambda m: None)
 
 
 def test_bad_input_is_one_error_line(tiny_run, corpus, tmp_path):
@@ -285,3 +288,27 @@ def test_bad_input_is_one_error_line(tiny_run, corpus, tmp_path):
     assert_one_line_error(invoke("bk", "eval", foreign), "no finished length")
     assert_one_line_error(invoke("bk", "eval", run, "--corpus", tmp_path / "missing"), "not a directory")
     assert_one_line_error(invoke("bk", "eval", run, "--length", 48), "no checkpoint at length 48")
+
+
+# run.json of `bk train --corpus /src --out OUT` as written before the options became config sections
+OLD_RUN_JSON = {
+    "model": {"d_model": 256, "n_layers": 4, "channels": None, "n_experts": 4, "top_k": 2, "expert_hidden": 512,
+              "router": "learned"},
+    "train": {"seq_lens": [128, 512, 2048, 8192, 32768, 131072], "steps_per_length": 200, "tokens_per_step": 32768,
+              "lr": 0.001, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1, "max_grad_norm": 1.0,
+              "val_tokens": 65536, "seed": 0, "grad_checkpoint": False, "train_chunk": 8192, "inject_nan": []},
+    "corpus": {"root": "/src", "val_share": 0.05, "max_tokens": 0},
+}  # fmt: skip
+
+
+def test_a_run_written_before_the_config_sections_continues_with_the_same_settings(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(OLD_RUN_JSON))
+    bk = Config().bk
+    settings = run_settings(bk.model, bk.train, replace(bk.corpus, root="/src"))
+    assert settings == OLD_RUN_JSON
+    assert check_out(out, settings, overwrite=False) == ([], CONTINUE)
+    other = run_settings(bk.model, replace(bk.train, lr=0.01), replace(bk.corpus, root="/src"))
+    with pytest.raises(UserError, match=r"other settings \(train.lr\)"):
+        check_out(out, other, overwrite=False)

@@ -189,3 +189,22 @@ def test_overwrite_with_bad_input_keeps_the_old_run(tiny_run, tmp_path):
     proc = run_cli("train", "--repo", tmp_path / "missing", "--out", out, "--overwrite", *TINY)
     assert_one_line_error(proc, "does not exist")
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "command, text, message",
+    [
+        (("bk", "train", "--out", "o"), "bk:\n  model:\n    d_model: 0\n", "bk.model.d_model must be at least 1"),
+        (("bk", "eval", "run"), "bk:\n  eval:\n    chunks: 64\n", "unknown key bk.eval.chunks"),
+        (("mc", "train", "--repo", ".", "--out", "o"), "mc:\n  train:\n    cycle: 3\n", "unknown key mc.train.cycle"),
+        (("mc", "eval", "run", "--json", "r.json"), "mc:\n  eval:\n    budgets: [0]\n", "mc.eval.budgets must be at"),
+        (("eval", "run"), "evaluate:\n  chunk: fast\n", "evaluate.chunk must be int, got str 'fast'"),
+        (("compare",), "compare:\n  steps: [1]\n", "compare.steps must be int"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_for_every_command(tmp_path, command, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    proc = run_cli(*command, "--config", cfg, cwd=tmp_path)
+    assert_one_line_error(proc, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

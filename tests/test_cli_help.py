@@ -54,3 +54,31 @@ def test_defaults_that_come_from_the_config_are_named():
 def test_train_help_names_repo_as_the_option_it_is():
     summary = cli.commands["train"].help.splitlines()[0]
     assert "--repo" in summary and "from REPO" not in summary
+
+
+@pytest.mark.parametrize("path,command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_options_that_set_a_config_key_show_the_configs_default(path, command):
+    """An option that maps to a config key has no default of its own (the --config file's value must win
+    when the flag is absent); its help shows the one in mlx_ltc/config.py."""
+    from mlx_ltc import config
+
+    for param in command.params:
+        key = getattr(param, "key", None)
+        if key is None or param.is_flag:
+            continue
+        assert param.default is None, param.opts
+        value = config.default(key)
+        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        says_its_own = value in (None, [], 0)  # "[default: all]", "[default: the test split]", ...
+        assert "[default: " in param.help and (says_its_own or f"[default: {shown}]" in param.help), param.help
+
+
+def test_research_and_eval_options_are_config_keys():
+    commands = {" ".join(p): c for p, c in COMMANDS}
+    keyed = {name: {o.key for o in c.params if hasattr(o, "key")} for name, c in commands.items()}
+    assert {"bk.train.lr", "bk.model.d_model", "bk.corpus.root"} <= keyed["bk train"]
+    assert "bk.eval.chunk" in keyed["bk eval"] and "mc.train.budget" in keyed["mc train"]
+    assert {"mc.eval.budgets", "evaluate.completion.targets"} <= keyed["mc eval"] | keyed["eval"]
+    assert "compare.reference_dtype" in keyed["compare"]
+    for name in ("bk train", "bk eval", "mc train", "mc eval", "eval", "compare"):
+        assert "config_file" in {p.name for p in commands[name].params}, name

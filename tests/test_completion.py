@@ -9,9 +9,13 @@ from conftest import run_cli, write_files
 
 from mlx_ltc import data, models
 from mlx_ltc.config import DataConfig
+from mlx_ltc.data.metadata import DatasetMeta
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval import completion
 from mlx_ltc.eval import targets as tg
+from mlx_ltc.eval.report import markdown
+from mlx_ltc.eval.results import Report
+from mlx_ltc.run import summary
 
 SHAPES = '''"""Shapes."""
 import math
@@ -136,8 +140,13 @@ def test_prompts_are_the_training_format_within_the_budget(corpus, tokenizer):
     assert prompter.build(target, "in_file", 8) is None  # the headers alone exceed it
 
 
+def built_with(**files_by_split) -> DatasetMeta:
+    """The metadata of a dataset at 256 tokens with these files in its splits."""
+    return DatasetMeta(seq_len=256, dtype="uint16", tokenizer_hash="", splits={}, files_by_split=files_by_split)
+
+
 def test_a_files_targets_share_their_cross_file_part(corpus):
-    meta = {"seq_len": 256, "files_by_split": {"test": ["pkg/draw.py"], "val": [], "train": ["pkg/shapes.py"]}}
+    meta = built_with(test=["pkg/draw.py"], val=[], train=["pkg/shapes.py"])
     opts = completion.CompletionOptions(targets=6, budgets=(64, 4096), modes=("in_file", "cross_file"))
     bench = completion.Benchmark.build(corpus, meta, opts, log=lambda m: None)
     prompts = {b: [bench.prompts[(i, "cross_file", b)] for i in range(len(bench.targets.targets))] for b in (64, 4096)}
@@ -150,7 +159,7 @@ def test_a_files_targets_share_their_cross_file_part(corpus):
     with pytest.raises(UserError, match="at least 64"):
         completion.Benchmark.build(corpus, meta, completion.CompletionOptions(budgets=(32,)), log=lambda m: None)
     with pytest.raises(UserError, match="no held-out source files"):
-        meta_none = {**meta, "files_by_split": {"test": [], "val": [], "train": []}}
+        meta_none = built_with(test=[], val=[], train=[])
         completion.Benchmark.build(corpus, meta_none, opts, log=lambda m: None)
 
 
@@ -194,7 +203,7 @@ def test_bootstrap_intervals_resample_files():
 
 def test_reusing_the_cache_gives_what_fresh_generation_gives(corpus, tiny_dir):
     loaded = models.load(tiny_dir)
-    meta = {"seq_len": 256, "files_by_split": {"test": ["pkg/draw.py"], "val": ["pkg/shapes.py"], "train": []}}
+    meta = built_with(test=["pkg/draw.py"], val=["pkg/shapes.py"], train=[])
     opts = completion.CompletionOptions(targets=8, budgets=(64, 4096), modes=("in_file", "cross_file"))
     bench = completion.Benchmark.build(corpus, meta, opts, log=lambda m: None)
     prompts = [bench.prompts[k].tokens for k in bench.order()]
@@ -267,6 +276,8 @@ def test_train_reports_files_chains_forgetting_and_completion(trained):
     assert "exact match on held-out cross-file lines: base" in proc.stdout and "outside the repo" in proc.stdout
     records = [json.loads(x) for x in (run / "completion.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all("base/in_file/128" in r["outputs"] for r in records)
+    loaded = Report.from_json(report)  # as a record, it writes the same JSON and the same summary
+    assert loaded.to_json() == report and summary(loaded.training) == (run / "summary.txt").read_text()
 
 
 @pytest.mark.slow
@@ -286,6 +297,9 @@ def test_eval_completion_writes_rows_records_table_and_plot(trained):
     ev = json.loads((run / "report.json").read_text())["eval"]
     assert ev["completion"] == rows and ev["completion_paired"]
     assert "## Completion of held-out code" in (run / "report.md").read_text()
+    written = json.loads((run / "report.json").read_text())
+    loaded = Report.from_json(written)
+    assert loaded.to_json() == written and markdown(loaded, run.name) == (run / "report.md").read_text()
     assert (run / "plots" / "completion.png").stat().st_size > 10_000
     assert len((run / "eval_completion.jsonl").read_text().splitlines()) == 6
     assert len((run / "completion.jsonl").read_text().splitlines()) == 8  # train's records stay

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from mlx_ltc import data
 from mlx_ltc.config import DataConfig
 from mlx_ltc.data import graph, pack, quality, segment, split
+from mlx_ltc.data.analyze import Analysis
+from mlx_ltc.data.metadata import CacheUse
 from mlx_ltc.errors import UserError
 
 
@@ -335,23 +337,28 @@ def build_repo(repo, tokenizer, out, seq_len=256, cache=None, **cfg):
 def test_build_end_to_end(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
     corpus, meta = build_repo(repo, tokenizer, tmp_path / "ds")
-    skipped = {d["path"]: d["reason"] for d in meta["skipped_files"]}
+    skipped = {d["path"]: d["reason"] for d in meta.skipped_files}
     assert skipped == {
         "pkg/mod_copy.py": "near duplicate of pkg/mod_3.py",
         "pkg/mod_same.py": "exact duplicate of pkg/mod_4.py",
     }
-    assert meta["dedup"]["near"] == 1 and meta["dedup"]["exact"] == 1
-    by_split = meta["files_by_split"]
+    assert meta.dedup.near == 1 and meta.dedup.exact == 1
+    by_split = meta.files_by_split
     kept = {f.path for f in data.scan(repo).files} - set(skipped)
     assert set().union(*by_split.values()) == kept
     assert all(
         not set(by_split[a]) & set(by_split[b]) for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
     )
-    assert meta["packing_efficiency"] > 0.9 and meta["seq_len"] == 256
+    assert meta.packing_efficiency > 0.9 and meta.seq_len == 256
     assert ["pkg/mod_1.py", "pkg/mod_0.py"] in json.loads((tmp_path / "ds" / "analysis.json").read_text())["imports"]
+    # the records are the files: what build returns is what it wrote, and reads back the same
+    written = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta.to_json() == written and data.load_metadata(tmp_path / "ds") == meta
+    analysis = json.loads((tmp_path / "ds" / "analysis.json").read_text())
+    assert Analysis.from_json(analysis).to_json() == analysis and analysis["files"]["pkg/mod_1.py"]["role"]
 
     train = data.load_split(tmp_path / "ds", "train")
-    assert train.tokens.shape[1] == 256 and len(train) == meta["splits"]["train"]["sequences"]
+    assert train.tokens.shape[1] == 256 and len(train) == meta.splits["train"].sequences
     text = [tokenizer.decode(row) for row in train.tokens]
     assert all(t.startswith("<repo_name>repo<file_sep>") for t in text)
     # held-out files never appear in training sequences
@@ -376,7 +383,7 @@ def test_build_end_to_end(tmp_path, tokenizer):
 def test_qa_probes_hold_the_evidence_at_the_recorded_distance(tmp_path, tokenizer):
     repo = package_repo(tmp_path / "repo")
     _, meta = build_repo(repo, tokenizer, tmp_path / "ds", seq_len=1024)
-    assert meta["qa"]["buckets"] == [256, 512, 768]
+    assert meta.qa.buckets == [256, 512, 768]
     rows = [json.loads(line) for s in ("val", "test") for line in (tmp_path / "ds" / "qa" / f"{s}.jsonl").open()]
     assert rows
     for s in ("val", "test"):
@@ -384,7 +391,7 @@ def test_qa_probes_hold_the_evidence_at_the_recorded_distance(tmp_path, tokenize
         for row in (json.loads(line) for line in (tmp_path / "ds" / "qa" / f"{s}.jsonl").open()):
             prompt = tokenizer.decode(prompts[row["offset"] : row["offset"] + row["length"]])
             assert prompt.endswith(f"Q: {row['question']}\nA:") and row["length"] <= 1024
-            assert row["evidence"] in meta["files_by_split"][s]
+            assert row["evidence"] in meta.files_by_split[s]
             assert row["distance"] >= 256 and row["answer"] not in row["distractors"]
             assert tokenizer.decode(row["answer_tokens"]) == " " + row["answer"]
             if row["kind"] == "defined_in":
@@ -401,9 +408,9 @@ def test_rebuild_only_processes_changed_files(tmp_path, tokenizer):
     (repo / "pkg" / "mod_5.py").write_text((repo / "pkg" / "mod_5.py").read_text() + "\nEXTRA = 1\n")
     _, second = build_repo(repo, tokenizer, tmp_path / "ds", cache=cache)
     n = len(data.scan(repo).files)
-    assert first["cache"] == {"processed": n, "cached": 0}
-    assert second["cache"] == {"processed": 1, "cached": n - 1}
-    assert second["files_by_split"] == first["files_by_split"]
+    assert first.cache == CacheUse(processed=n, cached=0)
+    assert second.cache == CacheUse(processed=1, cached=n - 1)
+    assert second.files_by_split == first.files_by_split
 
 
 def test_fim_uses_the_tokenizers_own_tokens_and_only_in_train(tmp_path, tokenizer):
@@ -413,14 +420,14 @@ def test_fim_uses_the_tokenizers_own_tokens_and_only_in_train(tmp_path, tokenize
     fim_tok.add_special_tokens({"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]})
     repo = package_repo(tmp_path / "repo")
     _, meta = build_repo(repo, fim_tok, tmp_path / "ds", fim_rate=0.5)
-    assert meta["markers"]["fim"] and meta["fim"]["documents"] > 0
+    assert meta.markers.fim and meta.fim.documents > 0
     pre, suf, mid = fim_tok.convert_tokens_to_ids(["<fim_prefix>", "<fim_suffix>", "<fim_middle>"])
     for s in ("val", "test"):
         assert not np.isin(data.load_split(tmp_path / "ds", s).tokens, [pre, suf, mid]).any()
     train = data.load_split(tmp_path / "ds", "train").tokens
     assert (train == pre).sum() == (train == mid).sum() > 0
     _, plain = build_repo(repo, tokenizer, tmp_path / "ds2", fim_rate=0.5)
-    assert not plain["markers"]["fim"] and plain["fim"]["documents"] == 0
+    assert not plain.markers.fim and plain.fim.documents == 0
 
 
 def test_commit_chains_follow_their_files_split(tmp_path, tokenizer):
@@ -440,7 +447,7 @@ def test_commit_chains_follow_their_files_split(tmp_path, tokenizer):
         (repo / "pkg" / "mod_2.py").write_text((repo / "pkg" / "mod_2.py").read_text() + f"\nV{k} = {k}\n")
         git("commit", "-qam", f"add V{k}")
     _, meta = build_repo(repo, tokenizer, tmp_path / "ds", chain_share=1.0)
-    assert meta["chains"]["chains"] == 1 and meta["chains"]["versions"] == 3
+    assert meta.chains.chains == 1 and meta.chains.versions == 3
     docs = [json.loads(line) for line in (tmp_path / "ds" / "documents.jsonl").read_text().splitlines()]
     chain = [d for d in docs if d["kind"] == "chain"]
     file_split = {d["path"]: d["split"] for d in docs if d["kind"] == "file"}
@@ -466,21 +473,21 @@ def test_chain_share_caps_the_tokens_chains_take_in_every_split(tmp_path, tokeni
         git("commit", "-qam", f"add V{k}")
     _, free = build_repo(repo, tokenizer, tmp_path / "free", chain_share=1.0)
     share = lambda kinds: kinds.get("chain", 0) / sum(kinds.values())
-    assert share(free["mix"]["train"]) > 0.5 and free["chains"]["dropped_for_share"] == 0
+    assert share(free.mix["train"]) > 0.5 and free.chains.dropped_for_share == 0
     _, capped = build_repo(repo, tokenizer, tmp_path / "capped", chain_share=0.5)
-    assert 0 < capped["chains"]["chains"] < free["chains"]["chains"]
-    assert capped["chains"]["dropped_for_share"] == free["chains"]["chains"] - capped["chains"]["chains"]
-    assert all(share(kinds) <= 0.5 for kinds in capped["mix"].values())
-    assert capped["mix"]["train"]["file"] == free["mix"]["train"]["file"]  # files are never dropped
+    assert 0 < capped.chains.chains < free.chains.chains
+    assert capped.chains.dropped_for_share == free.chains.chains - capped.chains.chains
+    assert all(share(kinds) <= 0.5 for kinds in capped.mix.values())
+    assert capped.mix["train"]["file"] == free.mix["train"]["file"]  # files are never dropped
     docs = [json.loads(line) for line in (tmp_path / "capped" / "documents.jsonl").read_text().splitlines()]
     kinds = {s: {} for s in ("train", "val", "test")}
     for d in docs:
         kinds[d["split"]][d["kind"]] = kinds[d["split"]].get(d["kind"], 0) + d["tokens"]
-    assert kinds == capped["mix"]
+    assert kinds == capped.mix
     _, none = build_repo(repo, tokenizer, tmp_path / "none", chain_share=0.0)
-    assert none["chains"]["chains"] == 0 and "chain" not in none["mix"]["train"]
+    assert none.chains.chains == 0 and "chain" not in none.mix["train"]
     # Held-out files are packed, so scored, the same whatever the share: never beside a chain.
-    assert any("chain" in free["mix"][s] for s in ("val", "test"))
+    assert any("chain" in free.mix[s] for s in ("val", "test"))
     lines = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
     free_docs = lines(tmp_path / "free" / "documents.jsonl")
     for s in ("val", "test"):
@@ -498,7 +505,7 @@ def test_augmentation_replaces_train_files_and_still_parses(tmp_path, tokenizer)
     repo = package_repo(tmp_path / "repo")
     corpus, meta = build_repo(repo, tokenizer, tmp_path / "ds", augment=1.0)
     variants = _augment(corpus, np.random.default_rng(0))
-    assert meta["augmented_files"] == len(variants) > 0
+    assert meta.augmented_files == len(variants) > 0
     for path, (tokens, text) in variants.items():
         assert corpus.splits[path] == "train"
         assert not syntax.parse(path, text.encode()).errors and "# step" not in text

@@ -10,6 +10,8 @@ from conftest import run_cli, write_files
 
 from mlx_ltc import data, models
 from mlx_ltc.eval import context, perplexity, qa, stream
+from mlx_ltc.eval.report import markdown
+from mlx_ltc.eval.results import Report
 from mlx_ltc.eval.run import split_stream
 
 
@@ -193,6 +195,9 @@ def test_eval_writes_report_json_and_plots(trained_run):
     report = (run / "report.md").read_text()
     for heading in ("## Perplexity", "## Context use", "## Repo QA", "## Streaming"):
         assert heading in report
+    written = json.loads((run / "report.json").read_text())
+    loaded = Report.from_json(written)  # train's report and the evaluation, as records
+    assert loaded.to_json() == written and markdown(loaded, run.name) == report
     for name in ("training", "loss_vs_position", "ppl_vs_length", "qa_vs_distance", "memory"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
 

@@ -13,9 +13,11 @@ from test_megacontext_context import covered
 from test_megacontext_positions import tiny_llama
 
 from mlx_ltc.cli import cli
+from mlx_ltc.config import McTrainConfig
+from mlx_ltc.errors import UserError
 from mlx_ltc.research.megacontext import context as wc
 from mlx_ltc.research.megacontext import lens
-from mlx_ltc.research.megacontext.run import identifier_mask, stream_focus
+from mlx_ltc.research.megacontext.run import identifier_mask, load_run, run_settings, stream_focus
 from mlx_ltc.research.megacontext.tree import mean_gist
 
 
@@ -119,3 +121,17 @@ def test_bad_input_is_one_clear_line(tmp_path):
     result = runner.invoke(cli, ["mc", "eval", str(tmp_path), "--json", str(tmp_path / "rows.json")])
     assert result.exit_code != 0 and "not a MegaContext run" in result.output
     assert not (tmp_path / "rows.json").exists()
+
+
+def test_a_run_written_before_the_config_sections_compares_equal_and_loads(tmp_path):
+    """state.json's settings as `mc train --repo R` wrote them before the options became config sections."""
+    old = {"repo": str(tmp_path.resolve()), "model": "smollm2-135m", "split": "85/10/5", "cycles": 2, "max_steps": 60,
+           "lens_contexts": 6, "lens_candidates": 12, "budget": 512, "horizon": 64, "blocks": 8, "keep": 2, "batch": 2,
+           "lr": 0.001, "contrast": 1.0, "l2_steps": 0, "lora_rank": 4, "lora_layers": 4, "lora_lr": 0.0002,
+           "seed": 0}  # fmt: skip
+    assert run_settings(tmp_path, McTrainConfig()) == old
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"settings": old, "done": ["cycle1-gist"], "telemetry": []}))
+    with pytest.raises(UserError, match="training is unfinished"):  # the settings read; the phases are checked next
+        load_run(out)

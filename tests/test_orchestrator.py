@@ -8,7 +8,9 @@ import pytest
 from mlx_ltc.config import Config, OrchestratorConfig, StabilityConfig, TrainConfig, merge
 from mlx_ltc.data import Split
 from mlx_ltc.train import phases
-from mlx_ltc.train.orchestrator import GradStats, Orchestrator, Stability, context_gain
+from mlx_ltc.runtime import stability
+from mlx_ltc.runtime.stability import GradStats, StabilityState
+from mlx_ltc.train.orchestrator import Orchestrator, context_gain
 
 
 def feed(orch, losses, train=None, gain=0.0, last=False, spent=1.0):
@@ -76,38 +78,38 @@ def test_orchestrator_state_round_trips():
 
 
 def test_spikes_are_counted_and_a_run_of_them_asks_for_a_rollback():
-    st = Stability(StabilityConfig(spike_factor=2.0, spike_limit=3))
+    state, rules = StabilityState(), StabilityConfig(spike_factor=2.0, spike_limit=3)
     for i in range(10):
-        assert st.check(i, 1.0 + 0.01 * i, 1.0, 64) == (True, [])
-    kinds = [[e.kind for e in st.check(10 + i, 5.0, 1.0, 64)[1]] for i in range(3)]
+        assert stability.check(state, rules, i, 1.0 + 0.01 * i, 1.0, 64) == (True, [])
+    kinds = [[e.kind for e in stability.check(state, rules, 10 + i, 5.0, 1.0, 64)[1]] for i in range(3)]
     assert kinds == [["spike"], ["spike"], ["spike", "unstable"]]
-    assert st.state.spikes == 3 and st.state.by_length["64"]["spikes"] == 3
-    assert st.check(13, 1.0, 1.0, 64) == (True, [])  # a normal loss ends the streak
-    assert st.state.spike_streak == 0 and max(st.state.recent) < 2  # spikes never enter the median window
+    assert state.spikes == 3 and state.by_length["64"].spikes == 3
+    assert stability.check(state, rules, 13, 1.0, 1.0, 64) == (True, [])  # a normal loss ends the streak
+    assert state.spike_streak == 0 and max(state.recent) < 2  # spikes never enter the median window
 
 
 def test_non_finite_updates_are_skipped_then_rolled_back():
-    st = Stability(StabilityConfig(nan_limit=2))
+    state, rules = StabilityState(), StabilityConfig(nan_limit=2)
     for i in range(6):
-        st.check(i, 1.0, 1.0, 32)
-    apply, events = st.check(6, math.nan, 1.0, 32)
+        stability.check(state, rules, i, 1.0, 1.0, 32)
+    apply, events = stability.check(state, rules, 6, math.nan, 1.0, 32)
     assert not apply and [e.kind for e in events] == ["skip"]
-    apply, events = st.check(7, 1.0, math.inf, 32)
+    apply, events = stability.check(state, rules, 7, 1.0, math.inf, 32)
     assert not apply and [e.kind for e in events] == ["skip", "unstable"]
-    assert st.state.skipped == 2 and st.state.by_length["32"]["grad"].n == 6  # no norm recorded for skips
-    restored = Stability(StabilityConfig()).state
-    st.rolled_back(restored)
-    assert st.state.rollbacks == 1 and st.state.skipped == 2 and st.state.recent == []
+    assert state.skipped == 2 and state.by_length["32"].grad.n == 6  # no norm recorded for skips
+    stability.rolled_back(state, StabilityState())
+    assert state.rollbacks == 1 and state.skipped == 2 and state.recent == []
 
 
 def test_stability_state_round_trips_through_json():
     import json
 
-    st = Stability(StabilityConfig())
+    state = StabilityState()
     for i, x in enumerate([1.0, 1.5, 0.7, 2.0, 1.1, 1.2]):
-        st.check(i, x, x, 128)
-    again = Stability.from_dict(StabilityConfig(), json.loads(json.dumps(st.to_dict())))
-    assert again.state == st.state
+        stability.check(state, StabilityConfig(), i, x, x, 128)
+    written = json.loads(json.dumps(state.to_json()))
+    assert StabilityState.from_json(written) == state
+    assert written["by_length"]["128"]["grad"]["n"] == 6  # the layout checkpoints have always had
 
 
 def test_grad_stats_match_numpy():

@@ -4,14 +4,20 @@ import json
 import pytest
 
 from mlx_ltc import backend, config, plan
+from mlx_ltc.data.analyze import Constant
 from mlx_ltc.errors import UserError
+from mlx_ltc.hardware.profile import Machine, Profile
 
 CONSTANTS = {
-    "seq_len": {"value": 1024, "formula": "p95 rule"},
-    "lora_rank": {"value": 16, "formula": "rank rule"},
-    "phases": {"value": 2, "formula": "phases rule"},
+    "seq_len": Constant(1024, "p95 rule", {}),
+    "lora_rank": Constant(16, "rank rule", {}),
+    "phases": Constant(2, "phases rule", {}),
 }
-PROFILE = {"max_seq_len": 4096, "batch_size": 1, "layers_per_stage": 3, "memory_budget": 5 << 30}
+MACHINE = Machine("cpu", "cpu", 24 << 30, 20 << 30, 2, 2, "0.32.0")
+PROFILE = Profile(
+    model="tiny", backend="cpu", device_name="cpu", memory_budget=5 << 30, weights_bytes=1 << 20, max_seq_len=4096,
+    tokens_per_s=100.0, layers_per_stage=3, batch_size=1, settings={}, machine=MACHINE, matmul_gflops={}, bf16=False,
+)  # fmt: skip
 
 
 class Loaded:

@@ -69,6 +69,22 @@ def test_named_checkpoints_are_verified_and_old_ones_without_a_manifest_still_re
     assert ck.names() == ["len-0000032"]
 
 
+def test_a_damaged_step_checkpoint_without_a_manifest_falls_back_to_the_previous_one(tmp_path):
+    messages = []
+    ck = Checkpoints(tmp_path, log=messages.append)
+    for step in (10, 20):
+        ck.save(step, {"a": mx.full((2,), step)}, {"m": mx.zeros(2)}, {"good": True, "step": step})
+    newest = ck.path(20)
+    (newest / "manifest.json").unlink()  # as the trainer wrote checkpoints before manifests
+    (newest / "adapters.safetensors").write_bytes(b"not a safetensors file")
+    step, adapters, _, state = ck.load()
+    assert (step, state["step"], adapters["a"].tolist()) == (10, 10, [10, 10])
+    assert "step-0000020 is damaged: unreadable" in messages[-1]
+    (ck.path(10) / "manifest.json").unlink()
+    (ck.path(10) / "state.json").write_text("{")
+    assert ck.load() is None and ck.state(10) is None and "unreadable state.json" in messages[-1]
+
+
 def test_the_metrics_log_cuts_back_and_drops_a_line_a_kill_cut_short(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     assert log.rows() == []

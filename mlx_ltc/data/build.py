@@ -3,6 +3,7 @@ and metadata. Stages: scan -> per-file work (cached by blob) -> quality filters 
 import graph -> splits by path hash -> documents (dependency order, segmentation, FIM, augmentation,
 commit chains) -> best-fit packing -> shards. The output directory appears only when complete."""
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -13,6 +14,18 @@ import numpy as np
 from mlx_ltc import atomic
 from mlx_ltc.config import DataConfig
 from mlx_ltc.data import analyze, blobs, formats, graph, pack, probes, quality, segment, split, syntax
+from mlx_ltc.data.metadata import (
+    QA,
+    CacheUse,
+    Chains,
+    DatasetMeta,
+    Dedup,
+    Difficulty,
+    Fim,
+    MarkerUse,
+    QASplit,
+    SplitStats,
+)
 from mlx_ltc.errors import UserError
 
 SHARD_SUFFIX = ".bin"
@@ -92,13 +105,14 @@ class Corpus:
         self.near_pairs = sorted(near.items())
         return [i for i in kept if i.path not in near]
 
-    def analysis(self, profile=None) -> dict:
+    def analysis(self, profile=None) -> analyze.Analysis:
+        """The analysis at the config's seq_len (derived when None), the memory profile capping it."""
         infos, seq_len = list(self.infos.values()), self.cfg.seq_len
         result = analyze.analysis(
             self.scan, infos, self.graph, self.tokenizer_name, self.tokenizer_hash, profile, self.roles, seq_len
         )
         skipped = [{"path": p, "reason": r} for p, r in self.skipped]
-        return result | {"skipped": _counts(self.skipped), "skipped_files": skipped, "dedup": self.dedup}
+        return dataclasses.replace(result, skipped=_counts(self.skipped), skipped_files=skipped, dedup=dict(self.dedup))
 
 
 def _counts(skipped) -> dict:
@@ -110,7 +124,7 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not an mlx-ltc dataset; refusing to replace it")
 
 
-def build(corpus: Corpus, out: Path, seq_len: int, analysis: dict, progress=True) -> dict:
+def build(corpus: Corpus, out: Path, seq_len: int, analysis: analyze.Analysis, progress=True) -> DatasetMeta:
     """Write the dataset to `out` (replacing an older build there) and return its metadata."""
     cfg, markers, encode, log = corpus.cfg, corpus.markers, corpus.encode, corpus.log
     out = Path(out)
@@ -147,57 +161,53 @@ def build(corpus: Corpus, out: Path, seq_len: int, analysis: dict, progress=True
             docs.append({"id": len(docs), "path": path, "split": s, "kind": kind, "part": k, "parts": len(starts),
                          "role": corpus.roles[path], "weight": weights[corpus.roles[path]],
                          "tokens": len(doc_tokens), "augmented": path in augmented})  # fmt: skip
-    chains = _chains(corpus, by_split, docs, room, weights) if cfg.chains else {"note": "off", "chains": 0}
+    chains = _chains(corpus, by_split, docs, room, weights) if cfg.chains else Chains(note="off")
 
     dtype = np.uint16 if corpus.vocab_size <= 65536 else np.uint32
     stats = {}
     with atomic.replace_dir(out) as tmp:
         for s in split.SPLITS:
             stats[s] = _write_split(tmp, s, by_split[s], seq_len, prefix, docs, corpus, dtype)
-        qa = _write_probes(tmp, corpus, doc_pieces, prefix, seq_len, rng) if cfg.qa else {}
+        qa = _write_probes(tmp, corpus, doc_pieces, prefix, seq_len, rng) if cfg.qa else None
         atomic.write_jsonl(tmp / "documents.jsonl", docs)
-        atomic.write_json(tmp / "analysis.json", analysis)
-        capacity = sum(v["sequences"] for v in stats.values()) * seq_len
-        useful = sum(v["useful_tokens"] for v in stats.values())
-        meta = {
-            "format_version": 1,
-            "repo": str(corpus.scan.root),
-            "repo_name": corpus.scan.name,
-            "listing": corpus.scan.listing,
-            "tokenizer": corpus.tokenizer_name,
-            "tokenizer_hash": corpus.tokenizer_hash,
-            "vocab_size": corpus.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "seq_len": seq_len,
-            "markers": {
-                "repo": markers.repo,
-                "file": markers.file,
-                "eos": markers.eos,
-                "fim": markers.fim is not None,
-                "commit": any(markers.commit.values()),
-            },
-            "config": dict(vars(cfg)),
-            "packing_efficiency": useful / capacity if capacity else 0.0,
-            "splits": stats,
-            "files_by_split": {s: sorted(p for p in corpus.infos if corpus.splits[p] == s) for s in split.SPLITS},
-            "blobs": {p: blobs.blob_hash(corpus.texts[p].encode("utf-8")) for p in sorted(corpus.infos)},
-            "files": len(corpus.infos),
-            "skipped": _counts(corpus.skipped),
-            "skipped_files": [{"path": p, "reason": r} for p, r in corpus.skipped],
-            "dedup": corpus.dedup | {"near_pairs": corpus.near_pairs[:100]},
-            "documents": dict(Counter(d["kind"] for d in docs)),
-            "mix": mix(docs),
-            "segmented_files": sum(1 for d in docs if d["part"] == 1 and d["kind"] != "chain"),
-            "fim": {"rate": cfg.fim_rate if fim_on else 0.0, "documents": sum(d["kind"] == "fim" for d in docs)},
-            "augmented_files": len(augmented),
-            "chains": chains,
-            "qa": qa,
-            "roles": dict(Counter(corpus.roles.values())),
-            "role_weights": weights,
-            "cache": {"processed": corpus.processed, "cached": corpus.cached},
-            "timing": {"process_s": corpus.process_s, "build_s": time.perf_counter() - started},
-        }
-        atomic.write_json(tmp / "metadata.json", meta)
+        atomic.write_json(tmp / "analysis.json", analysis.to_json())
+        capacity = sum(v.sequences for v in stats.values()) * seq_len
+        useful = sum(v.useful_tokens for v in stats.values())
+        meta = DatasetMeta(
+            format_version=1,
+            repo=str(corpus.scan.root),
+            repo_name=corpus.scan.name,
+            listing=corpus.scan.listing,
+            tokenizer=corpus.tokenizer_name,
+            tokenizer_hash=corpus.tokenizer_hash,
+            vocab_size=corpus.vocab_size,
+            dtype=np.dtype(dtype).name,
+            seq_len=seq_len,
+            markers=MarkerUse(
+                markers.repo, markers.file, markers.eos, markers.fim is not None, any(markers.commit.values())
+            ),
+            config=dict(vars(cfg)),
+            packing_efficiency=useful / capacity if capacity else 0.0,
+            splits=stats,
+            files_by_split={s: sorted(p for p in corpus.infos if corpus.splits[p] == s) for s in split.SPLITS},
+            blobs={p: blobs.blob_hash(corpus.texts[p].encode("utf-8")) for p in sorted(corpus.infos)},
+            files=len(corpus.infos),
+            skipped=_counts(corpus.skipped),
+            skipped_files=[{"path": p, "reason": r} for p, r in corpus.skipped],
+            dedup=Dedup(**corpus.dedup, near_pairs=[list(p) for p in corpus.near_pairs[:100]]),
+            documents=dict(Counter(d["kind"] for d in docs)),
+            mix=mix(docs),
+            segmented_files=sum(1 for d in docs if d["part"] == 1 and d["kind"] != "chain"),
+            fim=Fim(cfg.fim_rate if fim_on else 0.0, sum(d["kind"] == "fim" for d in docs)),
+            augmented_files=len(augmented),
+            chains=chains,
+            qa=qa,
+            roles=dict(Counter(corpus.roles.values())),
+            role_weights=weights,
+            cache=CacheUse(corpus.processed, corpus.cached),
+            timing={"process_s": corpus.process_s, "build_s": time.perf_counter() - started},
+        )
+        meta.save(tmp)
     return meta
 
 
@@ -242,15 +252,15 @@ def _augment(corpus, rng) -> dict:
     return {p: (np.asarray(ids, dtype=np.int32), t) for (p, t), ids in zip(chosen.items(), encoded)}
 
 
-def _chains(corpus, by_split, docs, room, weights) -> dict:
+def _chains(corpus, by_split, docs, room, weights) -> Chains:
     from mlx_ltc.data import history
 
     cfg, markers = corpus.cfg, corpus.markers
     if corpus.scan.listing != "git":
         corpus.log("data: not a git repository: no commit-evolution chains")
-        return {"chains": 0, "note": "not a git repository"}
+        return Chains(note="not a git repository")
     if cfg.chain_share == 0:
-        return {"chains": 0, "note": "data.chain_share is 0"}
+        return Chains(note="data.chain_share is 0")
     hist = history.commit_chains(corpus.scan.root, sorted(corpus.infos), max_versions=cfg.chain_versions)
     if hist.note:
         corpus.log(f"data: {hist.note}")
@@ -283,9 +293,16 @@ def _chains(corpus, by_split, docs, room, weights) -> dict:
             docs.append({"id": len(docs), "path": chain.path, "split": s, "kind": "chain", "part": k,
                          "parts": len(parts), "role": role, "weight": weights[role], "tokens": len(tokens),
                          "versions": len(chain.versions), "augmented": False})  # fmt: skip
-    return {"chains": len(kept), "versions": sum(len(c.versions) for c in hist.chains if c.path in kept),
-            "commits": hist.commits, "shallow": hist.shallow, "skipped": hist.skipped, "note": hist.note,
-            "share": cfg.chain_share, "dropped_for_share": len(hist.chains) - len(kept)}  # fmt: skip
+    return Chains(
+        chains=len(kept),
+        versions=sum(len(c.versions) for c in hist.chains if c.path in kept),
+        commits=hist.commits,
+        shallow=hist.shallow,
+        skipped=hist.skipped,
+        note=hist.note,
+        share=cfg.chain_share,
+        dropped_for_share=len(hist.chains) - len(kept),
+    )
 
 
 def _within_share(chains, pieces, corpus, by_split, rng) -> set:
@@ -304,7 +321,7 @@ def _within_share(chains, pieces, corpus, by_split, rng) -> set:
     return kept
 
 
-def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus, dtype) -> dict:
+def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus, dtype) -> SplitStats:
     """Pack and stream one split to NAME.bin (token ids) and NAME.jsonl (one line per sequence)."""
     max_depth = max(corpus.graph.depth.values(), default=0) or 1
     n = useful = pad = 0
@@ -327,16 +344,16 @@ def _write_split(tmp: Path, name: str, split_docs, seq_len, prefix, docs, corpus
             pad += seq.pad
     d = np.array(difficulties) if difficulties else np.zeros(1)
     files = {docs[x.index]["path"] for x in split_docs}
-    return {
-        "sequences": n,
-        "tokens": n * seq_len,
-        "useful_tokens": useful,
-        "pad_tokens": pad,
-        "packing_efficiency": useful / (n * seq_len) if n else 0.0,
-        "documents": len(split_docs),
-        "files": len(files),
-        "difficulty": {"mean": float(d.mean()), "p10": float(np.percentile(d, 10)), "p90": float(np.percentile(d, 90))},
-    }
+    return SplitStats(
+        sequences=n,
+        tokens=n * seq_len,
+        useful_tokens=useful,
+        pad_tokens=pad,
+        packing_efficiency=useful / (n * seq_len) if n else 0.0,
+        documents=len(split_docs),
+        files=len(files),
+        difficulty=Difficulty(float(d.mean()), float(np.percentile(d, 10)), float(np.percentile(d, 90))),
+    )
 
 
 def _packed(name: str, split_docs, seq_len, prefix, docs):
@@ -364,14 +381,14 @@ def _difficulty(seq, docs, corpus, seq_len, max_depth) -> float:
     return score / total if total else 0.0
 
 
-def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> dict:
+def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> QA:
     cfg = corpus.cfg
     max_len = cfg.qa_max_len or seq_len
     buckets = [b for b in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if b <= 0.85 * max_len]
     top = int(0.8 * max_len) // 64 * 64  # near the longest distance the prompt length allows
     buckets += [top] if buckets and top > buckets[-1] else []
     order = corpus.graph.order
-    summary = {"max_len": max_len, "buckets": buckets}
+    per_split = {}
     (tmp / "qa").mkdir()
     for name in ("val", "test"):
         files = [p for p in order if corpus.splits[p] == name and p in doc_pieces]
@@ -403,12 +420,8 @@ def _write_probes(tmp: Path, corpus, doc_pieces, prefix, seq_len, rng) -> dict:
                              "context_files": p.context_files})  # fmt: skip
                 offset += len(p.prompt)
         atomic.write_jsonl(tmp / "qa" / f"{name}.jsonl", rows)
-        summary[name] = {
-            "probes": len(made),
-            "by_kind": dict(Counter(p.kind for p in made)),
-            "by_bucket": {str(b): counts[b] for b in buckets},
-        }
-    return summary
+        per_split[name] = QASplit(len(made), dict(Counter(p.kind for p in made)), {str(b): counts[b] for b in buckets})
+    return QA(max_len, buckets, **per_split)
 
 
 def _evidence_piece(corpus, pieces, cand):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_ltc.data.metadata import load_metadata
 from mlx_ltc.errors import UserError
 
 
@@ -54,15 +55,15 @@ class Split:
 
 def load_split(data_dir: Path, name: str) -> Split:
     data_dir = Path(data_dir)
-    meta = json.loads((data_dir / "metadata.json").read_text())
-    seq_len = meta["seq_len"]
+    meta = load_metadata(data_dir)
+    seq_len = meta.seq_len
     weight_of, kind_of = {}, {}
     with open(data_dir / "documents.jsonl", encoding="utf-8") as f:
         for line in f:
             d = json.loads(line)
             weight_of[d["id"]] = d["weight"]
             kind_of[d["id"]] = KINDS.index(d["kind"]) + 1
-    raw = np.fromfile(data_dir / f"{name}.bin", dtype=np.dtype(meta["dtype"]))
+    raw = np.fromfile(data_dir / f"{name}.bin", dtype=np.dtype(meta.dtype))
     if raw.size % seq_len:
         raise UserError(f"{data_dir / (name + '.bin')} is truncated: {raw.size} tokens, not a multiple of {seq_len}")
     tokens = raw.reshape(-1, seq_len).astype(np.int32)
@@ -81,10 +82,3 @@ def load_split(data_dir: Path, name: str) -> Split:
     # target t+1 is predicted at position t: it carries the weight of the token it predicts
     kind = kind_tok[:, 1:]
     return Split(tokens, per_token[:, 1:], kind > 0, np.array(difficulty, dtype=np.float32), kind)
-
-
-def load_metadata(data_dir: Path) -> dict:
-    path = Path(data_dir) / "metadata.json"
-    if not path.is_file():
-        raise UserError(f"{data_dir} is not an mlx-ltc dataset (no metadata.json); run `mlx-ltc build` first")
-    return json.loads(path.read_text())

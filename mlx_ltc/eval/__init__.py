@@ -11,10 +11,11 @@ from mlx_ltc.data import Split
 from mlx_ltc.data.dataset import KINDS
 from mlx_ltc.errors import UserError
 from mlx_ltc.numerics.loss import head_of, token_nll
+from mlx_ltc.records import Record
 
 
 @dataclass
-class Perplexity:
+class Perplexity(Record):
     loss: float  # mean NLL per predicted token (nats)
     ppl: float
     tokens: int
@@ -24,6 +25,15 @@ class Perplexity:
         """(ppl, tokens) of one document kind, or (None, 0) when the split has none."""
         k = self.by_kind.get(kind)
         return (k["ppl"], k["tokens"]) if k else (None, 0)
+
+    def kind(self, name: str) -> "Perplexity | None":
+        """The perplexity of one document kind alone, or None when the split has none."""
+        k = self.by_kind.get(name)
+        return Perplexity(**k) if k else None
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return out if self.by_kind else {k: out[k] for k in ("loss", "ppl", "tokens")}  # as before the split by kind
 
 
 class Tally:

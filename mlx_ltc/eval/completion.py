@@ -26,22 +26,16 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from mlx_ltc.config import CompletionConfig
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval import targets as tg
+from mlx_ltc.eval.results import CompletionInfo, CompletionRow, PairedRow
 
 METRICS = ("em", "es", "id_em", "id_f1")
 PREFILL_CHUNK = 512  # prompt tokens per forward: 2,048 at once took 40 s on a 2-core CPU, 512 at a time 28 s
 
 
-@dataclass(frozen=True)
-class CompletionOptions:
-    targets: int = 200  # lines in all, half cross-file, half random
-    budgets: tuple = ()  # prompt budgets in tokens; (): default_budgets
-    modes: tuple = ()  # (): in_file and cross_file, and fim when the tokenizer has FIM tokens
-    max_tokens: int = 64  # generated tokens per target at most
-    per_file: int = 0  # targets per file and kind at most; 0: max(4, 2 x targets / files)
-    seed: int = 0
-    resamples: int = 1000  # bootstrap resamples
+CompletionOptions = CompletionConfig  # the config's evaluate.completion section (budgets: empty for default_budgets)
 
 
 def default_budgets(seq_len: int) -> list:
@@ -72,7 +66,7 @@ class Benchmark:
             raise UserError(f"completion modes: unknown {', '.join(unknown)} (choose from {', '.join(tg.MODES)})")
         if "fim" in modes and not fim:
             raise UserError("completion mode fim: this tokenizer has no <fim_prefix>/<fim_suffix>/<fim_middle> tokens")
-        budgets = sorted(set(opts.budgets or default_budgets(meta["seq_len"])))
+        budgets = sorted(set(opts.budgets or default_budgets(meta.seq_len)))
         if min(budgets) < 64:
             raise UserError(f"completion budgets must be at least 64 tokens, got {min(budgets)}")
         usable, notes = tg.split_files(meta, corpus)
@@ -234,9 +228,9 @@ def bootstrap(values: np.ndarray, files: np.ndarray, resamples: int, rng) -> tup
 
 
 def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int = 0) -> tuple:
-    """(rows, paired): one row per (model, mode, budget, kind) with each metric and its CI, and the paired
-    differences adapted - base and MODE - in_file with theirs (cross_file - in_file over the targets whose
-    cross-file prompt had other files in it)."""
+    """(rows, paired): a CompletionRow per (model, mode, budget, kind) with each metric and its CI, and a
+    PairedRow per paired difference adapted - base and MODE - in_file with theirs (cross_file - in_file over
+    the targets whose cross-file prompt had other files in it)."""
     rng = np.random.default_rng(seed)
     targets = bench.targets.targets
     cells = [(mode, budget, kind) for mode in bench.modes for budget in bench.budgets for kind in tg.KINDS]
@@ -266,19 +260,20 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
             chosen = keys(model, mode, budget, kind)
             if chosen:
                 prompts = [bench.prompts[k] for k in chosen]
-                rows.append({"model": model, "mode": mode, "budget": budget, "kind": kind, "targets": len(chosen),
-                             **stats(results[model], chosen),
-                             "with_context": sum(p.cross_file > 0 for p in prompts),
-                             "in_file_tokens": float(np.mean([p.in_file for p in prompts])),
-                             "cross_file_tokens": float(np.mean([p.cross_file for p in prompts]))})  # fmt: skip
+                row = CompletionRow(model=model, mode=mode, budget=budget, kind=kind, targets=len(chosen),
+                                    **stats(results[model], chosen),
+                                    with_context=sum(p.cross_file > 0 for p in prompts),
+                                    in_file_tokens=float(np.mean([p.in_file for p in prompts])),
+                                    cross_file_tokens=float(np.mean([p.cross_file for p in prompts])))  # fmt: skip
+                rows.append(row)
     paired = []
     if {"base", "adapted"} <= set(results):
         a, b = results["adapted"], results["base"]
         for mode, budget, kind in cells:
             chosen = keys("adapted", mode, budget, kind, also=("base", mode))
             if chosen:
-                paired.append({"compare": "adapted - base", "mode": mode, "budget": budget, "kind": kind,
-                               "targets": len(chosen), **stats(a, chosen, [b[k] for k in chosen])})  # fmt: skip
+                paired.append(PairedRow(compare="adapted - base", mode=mode, budget=budget, kind=kind,
+                                        targets=len(chosen), **stats(a, chosen, [b[k] for k in chosen])))  # fmt: skip
     for model in results:
         r = results[model]
         for mode, budget, kind in cells:
@@ -289,8 +284,8 @@ def summarize(bench: Benchmark, results: dict, resamples: int = 1000, seed: int 
                 chosen = [k for k in chosen if bench.prompts[k].cross_file]
             if chosen:
                 alone = [r[(i, "in_file", budget)] for i, _, _ in chosen]
-                paired.append({"compare": f"{mode} - in_file", "model": model, "budget": budget, "kind": kind,
-                               "targets": len(chosen), **stats(r, chosen, alone)})  # fmt: skip
+                paired.append(PairedRow(compare=f"{mode} - in_file", model=model, budget=budget, kind=kind,
+                                        targets=len(chosen), **stats(r, chosen, alone)))  # fmt: skip
     return rows, paired
 
 
@@ -310,32 +305,33 @@ def records(bench: Benchmark, results: dict) -> list:
     return out
 
 
-def headline(rows: list) -> str | None:
+def headline(rows: list[CompletionRow]) -> str | None:
     """'exact match on held-out cross-file lines: base X% -> adapted Y%' (in-file context, the largest
     budget) with the edit similarity beside it, or None without both models."""
-    pick = [r for r in rows if r["kind"] == tg.CROSS and r["mode"] == "in_file"]
+    pick = [r for r in rows if r.kind == tg.CROSS and r.mode == "in_file"]
     if not pick:
         return None
-    top = max(r["budget"] for r in pick)
-    by = {r["model"]: r for r in pick if r["budget"] == top}
+    top = max(r.budget for r in pick)
+    by = {r.model: r for r in pick if r.budget == top}
     if set(by) != {"base", "adapted"}:
         return None
     b, a = by["base"], by["adapted"]
     return (
-        f"exact match on held-out cross-file lines: base {b['em']:.1%} -> adapted {a['em']:.1%} "
-        f"(edit similarity {b['es']:.3f} -> {a['es']:.3f}; {a['targets']} lines, in-file context, "
+        f"exact match on held-out cross-file lines: base {b.em:.1%} -> adapted {a.em:.1%} "
+        f"(edit similarity {b.es:.3f} -> {a.es:.3f}; {a.targets} lines, in-file context, "
         f"{top:,} tokens)"
     )
 
 
 def section(bench: Benchmark, results: dict, opts: CompletionOptions, wall_s: float) -> dict:
-    """The benchmark's entries of a report: "completion" (rows), "completion_paired", "completion_info"."""
+    """The benchmark's entries of a report, by field name (results.TrainReport's and results.Evaluation's):
+    "completion" (rows), "completion_paired", "completion_info"."""
     rows, paired = summarize(bench, results, opts.resamples, opts.seed)
     chosen = bench.targets.targets
-    info = {
-        "models": list(results), "modes": bench.modes, "budgets": bench.budgets, "splits": bench.targets.splits,
-        "files": bench.targets.files, "target_files": len({t.path for t in chosen}),
-        "targets": {k: sum(t.kind == k for t in chosen) for k in tg.KINDS}, "candidates": bench.targets.candidates,
-        "max_tokens": opts.max_tokens, "seed": opts.seed, "notes": bench.targets.notes, "wall_s": wall_s,
-    }  # fmt: skip
+    info = CompletionInfo(
+        models=list(results), modes=bench.modes, budgets=bench.budgets, splits=bench.targets.splits,
+        files=bench.targets.files, target_files=len({t.path for t in chosen}),
+        targets={k: sum(t.kind == k for t in chosen) for k in tg.KINDS}, candidates=bench.targets.candidates,
+        max_tokens=opts.max_tokens, seed=opts.seed, notes=bench.targets.notes, wall_s=wall_s,
+    )  # fmt: skip
     return {"completion": rows, "completion_paired": paired, "completion_info": info}

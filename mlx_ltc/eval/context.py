@@ -9,10 +9,11 @@ import numpy as np
 
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval.stream import chunk_nll
+from mlx_ltc.records import Record
 
 
 @dataclass
-class ContextCurve:
+class ContextCurve(Record):
     tokens: int  # stream tokens evaluated at every length
     lengths: list  # evaluation lengths
     ppl: list  # perplexity at each length (windows of that length over the same tokens)

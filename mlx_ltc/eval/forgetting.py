@@ -6,6 +6,7 @@ writes files, cut into windows of the trained length."""
 import hashlib
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,27 @@ import numpy as np
 from mlx_ltc.data import Split, formats, markers
 from mlx_ltc.data.sources import decode
 from mlx_ltc.errors import UserError
+from mlx_ltc.eval import Perplexity
+from mlx_ltc.eval.results import Forgetting
 
 LEFT_OUT = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages",
             "__pycache__"}  # fmt: skip
+
+
+@dataclass
+class Sample:
+    """Where the sample came from."""
+
+    source: str  # "the Python 3.X standard library"
+    root: str
+    files: list  # paths read, in order
+    tokens: int
+    seq_len: int
+
+    def scored(self, **models: Perplexity) -> Forgetting:
+        """The report's entry: the sample and each model's ("base", "adapted") perplexity on it."""
+        return Forgetting(source=self.source, root=self.root, files=len(self.files), tokens=self.tokens,
+                          seq_len=self.seq_len, **models)  # fmt: skip
 
 
 def stdlib() -> Path:
@@ -23,7 +42,7 @@ def stdlib() -> Path:
 
 
 def sample(tokenizer, tokens: int, seq_len: int, root: Path | None = None) -> tuple:
-    """(Split of windows of `seq_len` tokens, info): the first `tokens` tokens of the sample."""
+    """(Split of windows of `seq_len` tokens, Sample): the first `tokens` tokens of the sample."""
     root = Path(root or stdlib())
     if not root.is_dir():
         raise UserError(f"forgetting check: no standard library at {root}")
@@ -49,11 +68,4 @@ def sample(tokenizer, tokens: int, seq_len: int, root: Path | None = None) -> tu
     rows = [flat[s : s + seq_len] for s in range(0, len(flat), seq_len)]
     rows = [r for r in rows if len(r) > 1]
     version = f"Python {sys.version_info.major}.{sys.version_info.minor}"
-    info = {
-        "source": f"the {version} standard library",
-        "root": str(root),
-        "files": used,
-        "tokens": len(flat),
-        "seq_len": seq_len,
-    }
-    return Split.from_rows(rows), info
+    return Split.from_rows(rows), Sample(f"the {version} standard library", str(root), used, len(flat), seq_len)

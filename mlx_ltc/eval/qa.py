@@ -10,14 +10,16 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from mlx_ltc.data.metadata import load_metadata
 from mlx_ltc.errors import UserError
 from mlx_ltc.numerics.loss import token_nll
+from mlx_ltc.records import Record
 
 PREFILL_CHUNK = 512
 
 
 @dataclass
-class ProbeScore:
+class ProbeScore(Record):
     id: int
     kind: str
     distance: int  # tokens from the evidence to the question
@@ -36,8 +38,7 @@ def load_probes(data_dir: Path, split: str) -> tuple:
     tokens = np.fromfile(qa / f"{split}.bin", dtype=np.int32)
     if sum(r["length"] for r in rows) != len(tokens):
         raise UserError(f"{qa / (split + '.bin')} does not match {split}.jsonl: truncated or from another build")
-    meta = json.loads((Path(data_dir) / "metadata.json").read_text(encoding="utf-8"))
-    return rows, tokens, meta["qa"]["buckets"]
+    return rows, tokens, load_metadata(data_dir).qa.buckets
 
 
 def continuation_nll(model, prompt: np.ndarray, continuations: list) -> list:

@@ -5,57 +5,43 @@ import json
 import math
 from pathlib import Path
 
-from mlx_ltc import atomic
+from mlx_ltc import atomic, tables
 from mlx_ltc.errors import UserError
+from mlx_ltc.eval.results import Evaluation, PairedRow, Report
 
 TRAIN_RECORDS, EVAL_RECORDS = "completion.jsonl", "eval_completion.jsonl"  # each completed line, both models
 PLOTS = ("training", "loss_vs_position", "ppl_vs_length", "qa_vs_distance", "memory", "completion")
-CLASSIC = ("models", "seq_len", "stream_source", "windows", "lengths", "qa_split", "perplexity", "context", "qa",
-           "streaming", "forgetting", "wall_s")  # fmt: skip
+KIND_LABELS = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
 
 
-def write(run_dir: Path, results: dict) -> None:
+def write(run_dir: Path, results: Evaluation) -> None:
     """Merge one evaluation's entries into report.json["eval"] (the completion benchmark and the rest are
     measured by separate runs of `eval` and kept side by side), then rewrite report.md and the plots."""
     run_dir = Path(run_dir)
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-    old = report.get("eval", {})
-    if "perplexity" in results:  # a new measurement of these replaces all of the old one
-        old = {k: v for k, v in old.items() if k not in CLASSIC}
-    report["eval"] = {**old, **results}
+    report = Report.read(run_dir / "report.json")
+    report.evaluation = (report.evaluation or Evaluation()).merged(results)
     plots(run_dir, report)
     atomic.write_text(run_dir / "report.md", markdown(report, run_dir.name))
-    atomic.write_json(report_path, report)
+    atomic.write_json(run_dir / "report.json", report.to_json())
 
 
 def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GB"
 
 
-def _table(header: list, rows: list) -> list:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
-    ]
-
-
-def markdown(report: dict, name: str) -> str:
-    ev = report["eval"]
+def markdown(report: Report, name: str) -> str:
+    ev, run = report.evaluation, report.training
     lines = [f"# Evaluation of {name}", ""]
-    if report.get("model"):
-        t = report.get("train", {})
-        repo = Path(report.get("repo", "")).name
-        length = report.get("data", {}).get("seq_len") or ev.get("seq_len", 0)
+    if run and run.model:
+        length = run.data.seq_len or ev.seq_len or 0
         lines += [
-            f"Model `{report['model']}`, fine-tuned on `{repo}` for {t.get('steps', '?')} steps "
-            f"({t.get('tokens', 0):,} tokens) at length {length:,}.",
+            f"Model `{run.model}`, fine-tuned on `{Path(run.repo).name}` for {run.train.steps} steps "
+            f"({run.train.tokens:,} tokens) at length {length:,}.",
             "",
         ]
-    if "completion" in ev:
+    if ev.completion is not None:
         lines += _completion_md(ev)
-    if "perplexity" in ev:
+    if ev.perplexity is not None:
         lines += _classic_md(ev)
     lines += ["## Training", "", "![training](plots/training.png)", ""]
     return "\n".join(lines) + "\n"
@@ -70,42 +56,40 @@ def _signed(x, ci) -> str:
     return f"{x * 100:+.1f} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
 
 
-def _completion_md(ev: dict) -> list:
-    info, rows = ev["completion_info"], ev["completion"]
-    kinds = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
-    n, splits = sum(info["targets"].values()), " and ".join(info["splits"])
+def _completion_md(ev: Evaluation) -> list:
+    info = ev.completion_info
+    n, splits = sum(info.targets.values()), " and ".join(info.splits)
     lines = [
         "## Completion of held-out code",
         "",
-        f"{n} lines of {info['target_files']} held-out files ({splits} split): "
-        f"{info['targets']['cross_file_line']} cross-file lines (they use a name defined in a file "
-        f"their file imports) and {info['targets']['random_line']} random code lines, completed greedily to "
-        f"the end of the line (at most {info['max_tokens']} tokens). Modes: `in_file` (the file's text before "
+        f"{n} lines of {info.target_files} held-out files ({splits} split): "
+        f"{info.targets['cross_file_line']} cross-file lines (they use a name defined in a file "
+        f"their file imports) and {info.targets['random_line']} random code lines, completed greedily to "
+        f"the end of the line (at most {info.max_tokens} tokens). Modes: `in_file` (the file's text before "
         "the line), `cross_file` (its dependencies in the training format too), `fim` (and the text after "
         "it). Budget: prompt tokens. EM: exact match (whitespace normalised), ES: edit similarity, "
         "identifier F1; [95% CI] by resampling files.",
         "",
     ]
-    lines += [f"Note: {note}." for note in info.get("notes", [])] + ([""] if info.get("notes") else [])
-    order = sorted(rows, key=lambda r: (r["kind"], r["mode"], r["budget"], r["model"] != "base"))
-    table = [[kinds[r["kind"]], r["mode"], f"{r['budget']:,}", r["model"], r["targets"],
-              _fraction(r["em"], r["em_ci"]), f"{r['es']:.3f}", f"{r['id_f1']:.3f}",
-              f"{r['in_file_tokens']:,.0f} / {r['cross_file_tokens']:,.0f}", r.get("with_context", "")]
-             for r in order]  # fmt: skip
+    lines += [f"Note: {note}." for note in info.notes] + ([""] if info.notes else [])
+    order = sorted(ev.completion, key=lambda r: (r.kind, r.mode, r.budget, r.model != "base"))
+    rows = [[KIND_LABELS[r.kind], r.mode, f"{r.budget:,}", r.model, r.targets, _fraction(r.em, r.em_ci), f"{r.es:.3f}",
+             f"{r.id_f1:.3f}", f"{r.in_file_tokens:,.0f} / {r.cross_file_tokens:,.0f}",
+             "" if r.with_context is None else r.with_context]
+            for r in order]  # fmt: skip
     header = ["lines", "mode", "budget", "model", "n", "EM [95% CI]", "ES", "id F1", "in-file / cross-file tokens",
               "with other files"]  # fmt: skip
-    lines += _table(header, table) + [""]
-    paired = ev.get("completion_paired", [])
-    if paired:
+    lines += tables.markdown(header, rows) + [""]
+    if ev.completion_paired:
         lines += [
             "Paired differences (percentage points; the same lines on both sides; `cross_file - in_file` "
             "over the lines whose cross-file prompt had other files in it):",
             "",
         ]
-        table = [[p["compare"], kinds[p["kind"]], p.get("mode") or p.get("model"), f"{p['budget']:,}", p["targets"],
-                  _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]), _signed(p["id_f1"], p["id_f1_ci"])]
-                 for p in paired]  # fmt: skip
-        lines += _table(["difference", "lines", "mode / model", "budget", "n", "EM", "ES", "id F1"], table) + [""]
+        rows = [[p.compare, KIND_LABELS[p.kind], p.mode or p.model, f"{p.budget:,}", p.targets, *_differences(p)]
+                for p in ev.completion_paired]  # fmt: skip
+        lines += tables.markdown(["difference", "lines", "mode / model", "budget", "n", "EM", "ES", "id F1"], rows)
+        lines += [""]
     lines += [
         f"Each line with every model's completion: `{EVAL_RECORDS}`.",
         "",
@@ -115,8 +99,16 @@ def _completion_md(ev: dict) -> list:
     return lines
 
 
-def _classic_md(ev: dict) -> list:
-    models = ev["models"]
+def _differences(p: PairedRow) -> list:
+    return [_signed(p.em, p.em_ci), _signed(p.es, p.es_ci), _signed(p.id_f1, p.id_f1_ci)]
+
+
+def _change(models: list, before: float, after: float) -> list:
+    """The relative change from base to adapted, as a cell when both were measured."""
+    return [f"{(after / before - 1):+.1%}"] if len(models) == 2 else []
+
+
+def _classic_md(ev: Evaluation) -> list:
     lines = [
         "## Perplexity",
         "",
@@ -124,91 +116,102 @@ def _classic_md(ev: dict) -> list:
         "chains of those files separately.",
         "",
     ]
-    rows = []
-    for split in ev["perplexity"][models[-1]]:
-        for kind in ("all", "file", "chain"):
-            cells, numbers = [split, kind], []
-            for m in models:
-                p = ev["perplexity"][m][split]
-                k = p if kind == "all" else p.get("by_kind", {}).get(kind)
-                numbers.append(k)
-            if any(k is None for k in numbers):
-                continue
-            cells += [f"{k['ppl']:.3f}" for k in numbers] + [f"{numbers[-1]['tokens']:,}"]
-            if len(models) == 2:
-                cells.append(f"{(numbers[1]['ppl'] / numbers[0]['ppl'] - 1):+.1%}")
-            rows.append(cells)
-    lines += _table(["split", "documents", *models, "tokens"] + (["change"] if len(models) == 2 else []), rows)
-    lines += [""]
-    forgot = ev.get("forgetting")
-    if forgot:
-        lines += [
-            "## Outside the repository",
-            "",
-            f"Perplexity of {forgot['tokens']:,} tokens of {forgot['source']} ({forgot['files']} files), "
-            f"code the fine-tune never saw, in windows of {forgot['seq_len']:,} tokens.",
-            "",
-        ]
-        cells = [f"{forgot[m]['ppl']:.3f}" for m in models]
-        if len(models) == 2:
-            cells.append(f"{(forgot['adapted']['ppl'] / forgot['base']['ppl'] - 1):+.1%}")
-        lines += _table([*models] + (["change"] if len(models) == 2 else []), [cells]) + [""]
+    lines += _perplexity_table(ev) + [""]
+    if ev.forgetting:
+        lines += _forgetting_md(ev)
+    lines += _context_md(ev) + _qa_md(ev) + _streaming_md(ev)
+    return lines
 
-    ctx = ev["context"]
-    lines += [
+
+def _perplexity_table(ev: Evaluation) -> list:
+    models, rows = ev.models, []
+    for split in ev.perplexity[models[-1]]:
+        for kind in ("all", "file", "chain"):
+            numbers = [ev.perplexity[m][split] for m in models]
+            numbers = numbers if kind == "all" else [p.kind(kind) for p in numbers]
+            if any(p is None for p in numbers):
+                continue
+            cells = [split, kind, *(f"{p.ppl:.3f}" for p in numbers), f"{numbers[-1].tokens:,}"]
+            rows.append(cells + _change(models, numbers[0].ppl, numbers[-1].ppl))
+    return tables.markdown(["split", "documents", *models, "tokens"] + (["change"] if len(models) == 2 else []), rows)
+
+
+def _forgetting_md(ev: Evaluation) -> list:
+    forgot, models = ev.forgetting, ev.models
+    lines = [
+        "## Outside the repository",
+        "",
+        f"Perplexity of {forgot.tokens:,} tokens of {forgot.source} ({forgot.files} files), "
+        f"code the fine-tune never saw, in windows of {forgot.seq_len:,} tokens.",
+        "",
+    ]
+    cells = [f"{forgot.of(m).ppl:.3f}" for m in models]
+    if len(models) == 2:
+        cells += _change(models, forgot.base.ppl, forgot.adapted.ppl)
+    return lines + tables.markdown([*models] + (["change"] if len(models) == 2 else []), [cells]) + [""]
+
+
+def _context_md(ev: Evaluation) -> list:
+    ctx, models = ev.context, ev.models
+    last = ctx[models[-1]]
+    lines = [
         "## Context use",
         "",
         "Perplexity at each evaluation length: windows of that length, back to back over the same "
-        f"{ctx[models[-1]]['tokens']:,} test-split tokens. The model trained at {ev['seq_len']:,}.",
+        f"{last.tokens:,} test-split tokens. The model trained at {ev.seq_len:,}.",
         "",
     ]
-    rows = [[f"{n:,}"] + [f"{ctx[m]['ppl'][i]:.3f}" for m in models] for i, n in enumerate(ctx[models[-1]]["lengths"])]
-    lines += _table(["length", *models], rows) + [""]
+    rows = [[f"{n:,}"] + [f"{ctx[m].ppl[i]:.3f}" for m in models] for i, n in enumerate(last.lengths)]
+    lines += tables.markdown(["length", *models], rows) + [""]
     lines += ["Mean NLL (nats) by target position, at the longest length:", ""]
     rows = [
-        [f"{b['start']:,}-{b['end'] - 1:,}"] + [f"{ctx[m]['buckets'][i]['nll']:.4f}" for m in models]
-        for i, b in enumerate(ctx[models[-1]]["buckets"])
+        [f"{b['start']:,}-{b['end'] - 1:,}"] + [f"{ctx[m].buckets[i]['nll']:.4f}" for m in models]
+        for i, b in enumerate(last.buckets)
     ]
-    lines += _table(["positions", *models], rows)
+    lines += tables.markdown(["positions", *models], rows)
     lines += ["", "![loss vs position](plots/loss_vs_position.png)", ""]
-    lines += ["![perplexity vs length](plots/ppl_vs_length.png)", ""]
+    return lines + ["![perplexity vs length](plots/ppl_vs_length.png)", ""]
 
-    qa = ev["qa"]
-    lines += [
+
+def _qa_md(ev: Evaluation) -> list:
+    qa, models = ev.qa, ev.models
+    lines = [
         "## Repo QA",
         "",
-        f"The {ev['qa_split']} split's probes: the answer is right when it has the lowest total NLL "
+        f"The {ev.qa_split} split's probes: the answer is right when it has the lowest total NLL "
         "among itself and its distractors.",
         "",
     ]
     rows = []
-    for i, b in enumerate(qa[models[-1]]["buckets"]):
+    for i, b in enumerate(qa[models[-1]].buckets):
+        per_model = [qa[m].buckets[i] for m in models]
         rows.append(
             [f"{b['distance']:,}", b["probes"], f"{b['chance']:.0%}"]
-            + [f"{qa[m]['buckets'][i]['accuracy']:.0%} / {qa[m]['buckets'][i]['answer_nll']:.3f}" for m in models]
+            + [f"{x['accuracy']:.0%} / {x['answer_nll']:.3f}" for x in per_model]
         )
-    lines += _table(["distance ≥", "probes", "chance"] + [f"{m}: accuracy / answer NLL" for m in models], rows)
-    lines += ["", "![QA vs distance](plots/qa_vs_distance.png)", ""]
+    lines += tables.markdown(["distance ≥", "probes", "chance"] + [f"{m}: accuracy / answer NLL" for m in models], rows)
+    return lines + ["", "![QA vs distance](plots/qa_vs_distance.png)", ""]
 
-    src = ev["stream_source"]
-    lines += [
+
+def _streaming_md(ev: Evaluation) -> list:
+    src = ev.stream_source
+    lines = [
         "## Streaming",
         "",
-        f"{src['tokens']:,} tokens of the {src['kind']} ({src['path']}), prefilled in chunks through a "
+        f"{src.tokens:,} tokens of the {src.kind} ({src.path}), prefilled in chunks through a "
         "KV cache of the last W tokens.",
         "",
     ]
     rows = [
-        [r["model"], f"{r['window']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}", f"{math.exp(r['nll']):.3f}",
-         f"{r['tokens_per_s']:,.0f}", _gb(r["peak_bytes"])]
-        for r in ev["streaming"]
+        [r.model, f"{r.window:,}", f"{r.tokens:,}", f"{r.nll:.4f}", f"{math.exp(r.nll):.3f}",
+         f"{r.tokens_per_s:,.0f}", _gb(r.peak_bytes)]
+        for r in ev.streaming
     ]  # fmt: skip
-    lines += _table(["model", "window", "tokens", "NLL", "ppl", "tokens/s", "peak memory"], rows)
-    lines += ["", "![memory](plots/memory.png)", "", f"Evaluation took {ev['wall_s'] / 60:.1f} min.", ""]
-    return lines
+    lines += tables.markdown(["model", "window", "tokens", "NLL", "ppl", "tokens/s", "peak memory"], rows)
+    return lines + ["", "![memory](plots/memory.png)", "", f"Evaluation took {ev.wall_s / 60:.1f} min.", ""]
 
 
-def plots(run_dir: Path, report: dict) -> None:
+def plots(run_dir: Path, report: Report) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +219,7 @@ def plots(run_dir: Path, report: dict) -> None:
 
     from mlx_ltc.train import summary
 
-    ev = report["eval"]
+    ev = report.evaluation
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
@@ -233,55 +236,51 @@ def plots(run_dir: Path, report: dict) -> None:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
 
-    if "completion" in ev:
+    if ev.completion is not None:
         save(completion_figure(plt, ev), "completion")
-    if "context" not in ev:
+    if ev.context is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for m in ev["models"]:
-        c = ev["context"][m]
-        nll = c["position_nll"]
-        ax.plot(range(1, len(nll) + 1), _smooth(nll), lw=0.7, alpha=0.6, label=f"{m} (smoothed)")
-        mids = [math.sqrt(max(b["start"], 1) * b["end"]) for b in c["buckets"]]
-        ax.plot(mids, [b["nll"] for b in c["buckets"]], "o-", ms=4, label=f"{m} (bucket mean)")
-    ax.axvline(ev["seq_len"], color="gray", ls="--", lw=0.8, label="trained length")
+    for m in ev.models:
+        c = ev.context[m]
+        ax.plot(range(1, len(c.position_nll) + 1), _smooth(c.position_nll), lw=0.7, alpha=0.6, label=f"{m} (smoothed)")
+        mids = [math.sqrt(max(b["start"], 1) * b["end"]) for b in c.buckets]
+        ax.plot(mids, [b["nll"] for b in c.buckets], "o-", ms=4, label=f"{m} (bucket mean)")
+    ax.axvline(ev.seq_len, color="gray", ls="--", lw=0.8, label="trained length")
     ax.set(xscale="log", xlabel="target position", ylabel="mean NLL (nats)", title="Loss vs position")
     ax.legend(fontsize=8)
     save(fig, "loss_vs_position")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in ev["models"]:
-        c = ev["context"][m]
-        ax.plot(c["lengths"], c["ppl"], "o-", label=m)
-    ax.axvline(ev["seq_len"], color="gray", ls="--", lw=0.8, label="trained length")
+    for m in ev.models:
+        ax.plot(ev.context[m].lengths, ev.context[m].ppl, "o-", label=m)
+    ax.axvline(ev.seq_len, color="gray", ls="--", lw=0.8, label="trained length")
     ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity", title="Perplexity vs context length")
-    lengths = ev["context"][ev["models"][-1]]["lengths"]
+    lengths = ev.context[ev.models[-1]].lengths
     ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
     ax.legend(fontsize=8)
     save(fig, "ppl_vs_length")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in ev["models"]:
-        buckets = ev["qa"][m]["buckets"]
+    for m in ev.models:
+        buckets = ev.qa[m].buckets
         ax.plot([b["distance"] for b in buckets], [b["accuracy"] for b in buckets], "o-", label=m)
-    buckets = ev["qa"][ev["models"][-1]]["buckets"]
+    buckets = ev.qa[ev.models[-1]].buckets
     ax.plot([b["distance"] for b in buckets], [b["chance"] for b in buckets], ":", color="gray", label="chance")
     ax.set(
         xlabel="distance from evidence to question (tokens)",
         ylabel="accuracy",
         ylim=(0, 1.05),
-        title=f"Repo QA ({ev['qa_split']} split)",
+        title=f"Repo QA ({ev.qa_split} split)",
     )
     ax.legend(fontsize=8)
     save(fig, "qa_vs_distance")
 
     fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for m in ev["models"]:
-        for w in ev["windows"]:
-            pts = [r for r in ev["streaming"] if r["model"] == m and r["window"] == w]
-            ax_s.plot(
-                [r["tokens"] for r in pts], [r["peak_bytes"] / 2**30 for r in pts], "o-", ms=3, label=f"{m}, W={w:,}"
-            )
+    for m in ev.models:
+        for w in ev.windows:
+            pts = [r for r in ev.streaming if r.model == m and r.window == w]
+            ax_s.plot([r.tokens for r in pts], [r.peak_bytes / 2**30 for r in pts], "o-", ms=3, label=f"{m}, W={w:,}")
     ax_s.set(xscale="log", xlabel="stream tokens", ylabel="peak memory (GB)", title="Streaming eval", ylim=(0, None))
     ax_s.legend(fontsize=8)
     if metrics.is_file():
@@ -291,26 +290,25 @@ def plots(run_dir: Path, report: dict) -> None:
     save(fig, "memory")
 
 
-def completion_figure(plt, ev: dict):
+def completion_figure(plt, ev: Evaluation):
     """EM and ES against the prompt budget, one panel per kind of line: base and adapted, in-file and
     cross-file (and FIM), with 95% CIs. Budgets are evenly spaced categories, and each series is nudged
     sideways so that intervals at one budget do not hide each other."""
-    rows, info = ev["completion"], ev["completion_info"]
-    titles = {"cross_file_line": "cross-file lines", "random_line": "random lines"}
-    budgets = sorted(info["budgets"])
-    series = [(model, mode) for model in info["models"] for mode in info["modes"]]
+    rows, info = ev.completion, ev.completion_info
+    budgets = sorted(info.budgets)
+    series = [(model, mode) for model in info.models for mode in info.modes]
     nudge = {s: 0.3 * (i - (len(series) - 1) / 2) / max(len(series), 1) for i, s in enumerate(series)}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
     colours = {"base": "tab:gray", "adapted": "tab:blue"}
     styles = {"in_file": ("-", "o"), "cross_file": ("--", "s"), "fim": (":", "^")}
-    for col, kind in enumerate(titles):
+    for col, kind in enumerate(KIND_LABELS):
         for row, metric in enumerate(("em", "es")):
             ax, top = axes[row][col], 0.0
             for model, mode in series:
                 pts = sorted(
-                    (r["budget"], r[metric], r[f"{metric}_ci"])
+                    (r.budget, getattr(r, metric), getattr(r, f"{metric}_ci"))
                     for r in rows
-                    if r["kind"] == kind and r["model"] == model and r["mode"] == mode
+                    if r.kind == kind and r.model == model and r.mode == mode
                 )
                 if not pts:
                     continue
@@ -324,10 +322,10 @@ def completion_figure(plt, ev: dict):
             ax.set_xticks(range(len(budgets)), [f"{b:,}" for b in budgets])
             ax.set_xlim(-0.5, len(budgets) - 0.5)
             ax.set_ylim(0, 1 if metric == "es" else min(1.0, max(0.1, 1.15 * top)))
-            n = info["targets"][kind]
+            n = info.targets[kind]
             ax.set(
                 ylabel={"em": "exact match", "es": "edit similarity"}[metric],
-                title=f"{titles[kind]} ({n})" if row == 0 else None,
+                title=f"{KIND_LABELS[kind]} ({n})" if row == 0 else None,
             )
             if row == 1:
                 ax.set_xlabel("prompt budget (tokens)")
@@ -348,12 +346,11 @@ def _smooth(xs, k: int = 32) -> list:
     return np.concatenate([xs[: k - 1], np.convolve(xs, kernel, mode="valid")]).tolist()
 
 
-def _eval_of(run_dir: Path) -> dict:
-    path = Path(run_dir) / "report.json"
-    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if "eval" not in report:
+def _eval_of(run_dir: Path) -> Evaluation:
+    report = Report.read(Path(run_dir) / "report.json")
+    if report.evaluation is None:
         raise UserError(f"{run_dir} has no evaluation yet: run `mlx-ltc eval {run_dir}` first")
-    return report["eval"]
+    return report.evaluation
 
 
 def compare(run_a: Path, run_b: Path) -> tuple:
@@ -366,16 +363,16 @@ def compare(run_a: Path, run_b: Path) -> tuple:
             rows.append({"metric": what, "a": x, "b": y, "ratio": y / x if x else math.nan})
 
     def completion_rows(ev):
-        return {(r["kind"], r["mode"], r["budget"]): r for r in ev.get("completion", []) if r["model"] == "adapted"}
+        return {(r.kind, r.mode, r.budget): r for r in ev.completion or [] if r.model == "adapted"}
 
     ra, rb = completion_rows(a), completion_rows(b)
     for key in sorted(set(ra) & set(rb)):
         kind, mode, budget = key
-        add(f"completion EM, {kind.replace('_', ' ')}s, {mode}, {budget:,}", ra[key]["em"], rb[key]["em"])
-    if "perplexity" in a and "perplexity" in b:
+        add(f"completion EM, {kind.replace('_', ' ')}s, {mode}, {budget:,}", ra[key].em, rb[key].em)
+    if a.perplexity is not None and b.perplexity is not None:
         _classic_rows(a, b, add)
     cells = [[r["metric"], f"{r['a']:.4g}", f"{r['b']:.4g}", f"{r['ratio']:.3f}"] for r in rows]
-    lines = [f"A: {run_a}", f"B: {run_b}", ""] + _table(["metric", "A", "B", "B / A"], cells)
+    lines = [f"A: {run_a}", f"B: {run_b}", ""] + tables.markdown(["metric", "A", "B", "B / A"], cells)
     paired = paired_completion(run_a, run_b)
     if paired:
         lines += [
@@ -383,14 +380,13 @@ def compare(run_a: Path, run_b: Path) -> tuple:
             "Completion, B - A on the same lines (adapted models; percentage points, [95% CI] over files):",
             "",
         ]
-        lines += _table(["lines", "mode", "budget", "n", "EM", "ES", "id F1"],
-                        [[p["kind"].replace("_", " ") + "s", p["mode"], f"{p['budget']:,}", p["targets"],
-                          _signed(p["em"], p["em_ci"]), _signed(p["es"], p["es_ci"]),
-                          _signed(p["id_f1"], p["id_f1_ci"])] for p in paired])  # fmt: skip
-    return "\n".join(lines) + "\n", rows + [{"metric": "completion B - A", **p} for p in paired]
+        lines += tables.markdown(["lines", "mode", "budget", "n", "EM", "ES", "id F1"],
+                                 [[p.kind.replace("_", " ") + "s", p.mode, f"{p.budget:,}", p.targets, *_differences(p)]
+                                  for p in paired])  # fmt: skip
+    return "\n".join(lines) + "\n", rows + [{"metric": "completion B - A", **p.to_json()} for p in paired]
 
 
-def paired_completion(run_a: Path, run_b: Path) -> list:
+def paired_completion(run_a: Path, run_b: Path) -> list[PairedRow]:
     """B - A per (kind, mode, budget) over the lines both runs' adapted models completed (train's
     completion.jsonl and eval's eval_completion.jsonl), with CIs from resampling files; [] when they share
     none."""
@@ -418,36 +414,35 @@ def paired_completion(run_a: Path, run_b: Path) -> list:
     out = []
     for (kind, mode, budget), items in sorted(groups.items()):
         files = np.array([key[0] for key, _ in items])
-        row = {"kind": kind, "mode": mode, "budget": budget, "targets": len(items)}
         scores = [(completion.score(key[3], a[key][n]), completion.score(key[3], b[key][n])) for key, n in items]
+        stats = {}
         for m in completion.METRICS:
             diff = np.array([sb[m] - sa[m] for sa, sb in scores])
-            row[m], row[f"{m}_ci"] = completion.bootstrap(diff, files, 1000, rng)
-        out.append(row)
+            stats[m], stats[f"{m}_ci"] = completion.bootstrap(diff, files, 1000, rng)
+        out.append(PairedRow(mode=mode, budget=budget, kind=kind, targets=len(items), **stats))
     return out
 
 
-def _classic_rows(a: dict, b: dict, add) -> None:
+def _classic_rows(a: Evaluation, b: Evaluation, add) -> None:
     for split in ("val", "test"):
-        pa, pb = a["perplexity"]["adapted"].get(split), b["perplexity"]["adapted"].get(split)
-        add(f"{split} perplexity", pa and pa["ppl"], pb and pb["ppl"])
-        fa, fb = (p and p.get("by_kind", {}).get("file") for p in (pa, pb))
-        add(f"{split} perplexity, held-out files", fa and fa["ppl"], fb and fb["ppl"])
-    if "forgetting" in a and "forgetting" in b:
-        add("perplexity outside the repo", a["forgetting"]["adapted"]["ppl"], b["forgetting"]["adapted"]["ppl"])
-    ca, cb = a["context"]["adapted"], b["context"]["adapted"]
-    for n in sorted(set(ca["lengths"]) & set(cb["lengths"])):
-        add(f"perplexity at length {n:,}", ca["ppl"][ca["lengths"].index(n)], cb["ppl"][cb["lengths"].index(n)])
-    qa_a, qa_b = a["qa"]["adapted"], b["qa"]["adapted"]
-    add("repo QA accuracy", qa_a.get("accuracy"), qa_b.get("accuracy"))
-    by_b = {x["distance"]: x for x in qa_b["buckets"]}
-    for x in qa_a["buckets"]:
+        pa, pb = a.perplexity["adapted"].get(split), b.perplexity["adapted"].get(split)
+        add(f"{split} perplexity", pa and pa.ppl, pb and pb.ppl)
+        fa, fb = (p and p.kind("file") for p in (pa, pb))
+        add(f"{split} perplexity, held-out files", fa and fa.ppl, fb and fb.ppl)
+    if a.forgetting and b.forgetting:
+        add("perplexity outside the repo", a.forgetting.adapted.ppl, b.forgetting.adapted.ppl)
+    ca, cb = a.context["adapted"], b.context["adapted"]
+    for n in sorted(set(ca.lengths) & set(cb.lengths)):
+        add(f"perplexity at length {n:,}", ca.ppl[ca.lengths.index(n)], cb.ppl[cb.lengths.index(n)])
+    qa_a, qa_b = a.qa["adapted"], b.qa["adapted"]
+    add("repo QA accuracy", qa_a.accuracy, qa_b.accuracy)
+    by_b = {x["distance"]: x for x in qa_b.buckets}
+    for x in qa_a.buckets:
         if x["distance"] in by_b:
             add(f"repo QA accuracy, distance ≥ {x['distance']:,}", x["accuracy"], by_b[x["distance"]]["accuracy"])
-    sa = {(r["tokens"], r["window"]): r for r in a["streaming"] if r["model"] == "adapted"}
-    for r in b["streaming"]:
-        key = (r["tokens"], r["window"])
-        if r["model"] == "adapted" and key in sa:
-            add(f"stream NLL, {key[0]:,} tokens, W={key[1]:,}", sa[key]["nll"], r["nll"])
-            gb = (sa[key]["peak_bytes"] / 2**30, r["peak_bytes"] / 2**30)
-            add(f"stream peak GB, {key[0]:,} tokens, W={key[1]:,}", *gb)
+    sa = {(r.tokens, r.window): r for r in a.streaming if r.model == "adapted"}
+    for r in b.streaming:
+        key = (r.tokens, r.window)
+        if r.model == "adapted" and key in sa:
+            add(f"stream NLL, {key[0]:,} tokens, W={key[1]:,}", sa[key].nll, r.nll)
+            add(f"stream peak GB, {key[0]:,} tokens, W={key[1]:,}", sa[key].peak_bytes / 2**30, r.peak_bytes / 2**30)

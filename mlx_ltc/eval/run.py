@@ -4,42 +4,40 @@ with `--completion`, the repo code-completion benchmark instead. Written into th
 report.md, report.json["eval"] (each measurement its own entries, kept when another is rerun) and
 plots/*.png."""
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc import atomic, config, data, models
+from mlx_ltc import atomic, config, data, models, plan
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval import completion, context, forgetting, perplexity, qa, report, stream
 from mlx_ltc.eval.completion import CompletionOptions
+from mlx_ltc.eval.results import Evaluation, RepoQA, StreamRow, StreamSource
 
 
-@dataclass
-class EvalOptions:
-    base: bool = False  # also evaluate the base model, side by side
-    lengths: list = field(default_factory=list)  # evaluation lengths; [] = context.default_lengths
-    context_tokens: int = 16_384  # test-split tokens scored at every evaluation length
-    windows: list = field(default_factory=list)  # streaming KV windows; [] = seq_len / 2, seq_len, 2 x seq_len
-    stream_tokens: int = 32_768  # 0: the whole stream source
-    stream_corpus: Path | None = None  # a directory of source files; None: the test split
-    chunk: int = 512  # streaming prefill chunk
-    qa_split: str = "test"
-    splits: tuple = ("val", "test")  # perplexity on these
-    forgetting_tokens: int = 16_384  # standard-library tokens for the forgetting check (0: none)
-    completion: CompletionOptions | None = None  # set: the completion benchmark instead
+@dataclass(frozen=True)
+class EvalOptions(config.EvaluateConfig):
+    """The config's `evaluate` section as run_eval takes it: `completion` set (to the section's own completion
+    options) runs the completion benchmark instead of the measurements."""
+
+    completion: CompletionOptions | None = None
     progress: bool = True
+
+    @classmethod
+    def of(cls, section: config.EvaluateConfig, benchmark: bool = False, progress: bool = True) -> "EvalOptions":
+        values = {f.name: getattr(section, f.name) for f in fields(section)}
+        return cls(**values | {"completion": section.completion if benchmark else None, "progress": progress})
 
 
 def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_run(run_dir: Path) -> dict:
+def check_run(run_dir: Path) -> plan.RunInfo:
     """The run's config.json, once the directory is known to hold adapters and a dataset."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -56,7 +54,7 @@ def check_run(run_dir: Path) -> dict:
     except (ValueError, OSError, RuntimeError) as e:
         raise UserError(f"cannot load {adapters / 'adapters.safetensors'}: {str(e).splitlines()[0]}") from None
     data.load_metadata(run_dir / "data")
-    return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    return plan.RunInfo.read(run_dir)
 
 
 def split_stream(split: data.Split) -> np.ndarray:
@@ -87,73 +85,72 @@ def _bar(total, desc, unit, progress):
     return progress_bars.bar(total=total, desc=desc, unit=unit, unit_scale=True, enabled=progress, leave=False)
 
 
-def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, qa_set, sample) -> dict:
-    """Every measurement for one model (the base or the adapted one)."""
-    out = {"perplexity": {}}
+def evaluate_model(model, name, splits, stream_tokens, windows, lengths, opts, qa_set, sample, ev: Evaluation):
+    """Every measurement for one model (the base or the adapted one), into `ev`'s entries for `name`; the
+    forgetting check's perplexity is returned (None without a sample)."""
+    ev.perplexity[name] = {}
     for split_name in opts.splits:
         split = splits[split_name]
         p = perplexity(model, split, 4, desc=f"{name}: {split_name} perplexity", progress=opts.progress)
-        out["perplexity"][split_name] = asdict(p)
-        kinds = ", ".join(f"{k} {v['ppl']:.3f} ({v['tokens']:,})" for k, v in p.by_kind.items())
+        ev.perplexity[name][split_name] = p
+        kinds = ", ".join(f"{k} {p.kind(k).ppl:.3f} ({p.kind(k).tokens:,})" for k in p.by_kind)
         _log(f"eval {name}: {split_name} ppl {p.ppl:.3f} over {p.tokens:,} tokens; by kind (tokens): {kinds}")
+    forgot = None
     if sample is not None:
-        p = perplexity(model, sample[0], 4, desc=f"{name}: forgetting", progress=opts.progress)
-        out["forgetting"] = asdict(p)
-        _log(f"eval {name}: {sample[1]['source']}: ppl {p.ppl:.3f} over {p.tokens:,} tokens")
+        forgot = perplexity(model, sample[0], 4, desc=f"{name}: forgetting", progress=opts.progress)
+        _log(f"eval {name}: {sample[1].source}: ppl {forgot.ppl:.3f} over {forgot.tokens:,} tokens")
 
     ctx_tokens = min(opts.context_tokens, len(stream_tokens)) // max(lengths) * max(lengths)
     with _bar(ctx_tokens * len(lengths), f"{name}: context", "tok", opts.progress) as bar:
         curve = context.context_curve(model, stream_tokens, lengths, opts.context_tokens, bar)
-    out["context"] = asdict(curve)
+    ev.context[name] = curve
     _log(f"eval {name}: ppl by length " + ", ".join(f"{n}: {p:.3f}" for n, p in zip(curve.lengths, curve.ppl)))
 
     rows, tokens, buckets = qa_set
     with _bar(len(rows), f"{name}: repo QA", "probe", opts.progress) as bar:
         scores = qa.score(model, rows, tokens, buckets, bar)
-    out["qa"] = {"buckets": qa.by_bucket(scores), "probes": [asdict(s) for s in scores]}
+    ev.qa[name] = RepoQA(qa.by_bucket(scores), scores)
     if scores:
-        accuracy = sum(s.rank == 1 for s in scores) / len(scores)
-        out["qa"]["accuracy"] = accuracy
-        _log(f"eval {name}: repo QA {accuracy:.1%} of {len(scores)} probes")
+        ev.qa[name].accuracy = sum(s.rank == 1 for s in scores) / len(scores)
+        _log(f"eval {name}: repo QA {ev.qa[name].accuracy:.1%} of {len(scores)} probes")
 
-    out["streaming"] = []
     for w in windows:
         with _bar(len(stream_tokens), f"{name}: stream W={w:,}", "tok", opts.progress) as bar:
             points = stream.stream_eval(model, stream_tokens, w, opts.chunk, progress=bar)
-        out["streaming"] += [{"model": name, **asdict(p)} for p in points]
+        ev.streaming += [StreamRow(**asdict(p), model=name) for p in points]
         last = points[-1]
         _log(
             f"eval {name}: stream of {last.tokens:,} tokens, window {w:,}: nll {last.nll:.4f}, "
             f"{last.tokens_per_s:,.0f} tokens/s, peak {last.peak_bytes / 2**30:.2f} GB"
         )
-    return out
+    return forgot
 
 
 def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     info = check_run(run_dir)
-    cfg = config.build(None, info["config"])
+    cfg = config.build(None, info.config)
     meta = data.load_metadata(run_dir / "data")
     if opts.stream_corpus is not None and not Path(opts.stream_corpus).is_dir():
         raise UserError(f"--stream-corpus {opts.stream_corpus}: not a directory")
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
-    model_dir = Path(info["model_dir"])
+    model_dir = Path(info.model_dir)
     if not model_dir.is_dir():
         model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
     if opts.completion is not None:
         bench = _benchmark(info, cfg, meta, opts.completion, cache_dir, model_dir)
     _log(f"model: loading {cfg.model.name}")
     loaded = models.load(model_dir, cfg.model.dequantize)
-    if meta["tokenizer_hash"] != data.tokenizer_hash(loaded.tokenizer):
+    if meta.tokenizer_hash != data.tokenizer_hash(loaded.tokenizer):
         raise UserError(f"{run_dir / 'data'} was built with another tokenizer than {cfg.model.name}'s")
     if opts.completion is not None:
         results = _complete(loaded, run_dir, bench, opts)
     else:
         results = _measure(loaded, run_dir, cfg, meta, opts)
-        results["wall_s"] = time.perf_counter() - started
+        results.wall_s = time.perf_counter() - started
     report.write(run_dir, results)
-    return results
+    return results.to_json()
 
 
 def _adapt(loaded, run_dir: Path) -> None:
@@ -168,7 +165,7 @@ def _adapt(loaded, run_dir: Path) -> None:
 
 def _benchmark(info, cfg, meta, opts, cache_dir, model_dir):
     """The completion benchmark's targets and prompts, from the run's repository as it is now."""
-    repo = Path(info["repo"])
+    repo = Path(info.repo)
     if not repo.is_dir():
         raise UserError(f"the completion benchmark reads the run's repository, and {repo} is gone")
     tokenizer = models.load_tokenizer(model_dir)
@@ -178,7 +175,7 @@ def _benchmark(info, cfg, meta, opts, cache_dir, model_dir):
     return completion.Benchmark.build(corpus, meta, opts)
 
 
-def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> dict:
+def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> Evaluation:
     c = opts.completion
     started = time.perf_counter()
     t = bench.targets
@@ -197,23 +194,23 @@ def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> dict:
         loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens, progress=opts.progress
     )
     atomic.write_jsonl(run_dir / report.EVAL_RECORDS, completion.records(bench, results))  # train's stay
-    return completion.section(bench, results, c, time.perf_counter() - started)
+    return Evaluation(**completion.section(bench, results, c, time.perf_counter() - started))
 
 
-def _measure(loaded, run_dir: Path, cfg, meta: dict, opts: EvalOptions) -> dict:
-    seq_len = meta["seq_len"]
+def _measure(loaded, run_dir: Path, cfg, meta: dict, opts: EvalOptions) -> Evaluation:
+    seq_len = meta.seq_len
     splits = {name: data.load_split(run_dir / "data", name) for name in ("val", "test")}
     for name, split in splits.items():
         if len(split) == 0 or split.predicted_tokens == 0:
             raise UserError(f"{run_dir / 'data'}: the {name} split is empty; nothing to evaluate")
     if opts.stream_corpus is not None:
         tokens, files = corpus_stream(opts.stream_corpus, loaded.tokenizer, opts.stream_tokens, cfg.data.max_file_bytes)
-        source = {"kind": "corpus", "path": str(Path(opts.stream_corpus).resolve()), "files": files}
+        path = str(Path(opts.stream_corpus).resolve())
+        source = StreamSource(kind="corpus", path=path, files=files, tokens=len(tokens))
     else:
         tokens = split_stream(splits["test"])
         tokens = tokens[: opts.stream_tokens] if opts.stream_tokens else tokens
-        source = {"kind": "test split", "path": str(run_dir / "data")}
-    source["tokens"] = len(tokens)
+        source = StreamSource(kind="test split", path=str(run_dir / "data"), tokens=len(tokens))
     if opts.stream_tokens and len(tokens) < opts.stream_tokens:
         _log(f"eval: the stream source holds {len(tokens):,} tokens, fewer than --stream-tokens {opts.stream_tokens:,}")
     lengths = sorted(set(opts.lengths or context.default_lengths(seq_len)))
@@ -228,30 +225,17 @@ def _measure(loaded, run_dir: Path, cfg, meta: dict, opts: EvalOptions) -> dict:
     qa_set = qa.load_probes(run_dir / "data", opts.qa_split)
     sample = forgetting.sample(loaded.tokenizer, opts.forgetting_tokens, seq_len) if opts.forgetting_tokens else None
 
-    results = {}
-    measure = lambda name: evaluate_model(  # noqa: E731
-        loaded.model, name, splits, tokens, windows, lengths, opts, qa_set, sample
-    )
-    if opts.base:
-        results["base"] = measure("base")
-    _adapt(loaded, run_dir)
-    results["adapted"] = measure("adapted")
-    out = {
-        "models": list(results),
-        "seq_len": seq_len,
-        "stream_source": source,
-        "windows": windows,
-        "lengths": lengths,
-        "qa_split": opts.qa_split,
-        "perplexity": {name: r["perplexity"] for name, r in results.items()},
-        "context": {name: r["context"] for name, r in results.items()},
-        "qa": {name: r["qa"] for name, r in results.items()},
-        "streaming": [row for r in results.values() for row in r["streaming"]],
-    }
+    ev = Evaluation(models=["base", "adapted"] if opts.base else ["adapted"], seq_len=seq_len, stream_source=source,
+                    windows=windows, lengths=lengths, qa_split=opts.qa_split, perplexity={}, context={}, qa={},
+                    streaming=[])  # fmt: skip
+    forgot = {}
+    for name in ev.models:
+        if name == "adapted":
+            _adapt(loaded, run_dir)
+        forgot[name] = evaluate_model(loaded.model, name, splits, tokens, windows, lengths, opts, qa_set, sample, ev)
     if sample is not None:
-        info = {**sample[1], "files": len(sample[1]["files"])}
-        out["forgetting"] = {**info, **{name: r["forgetting"] for name, r in results.items()}}
-    return out
+        ev.forgetting = sample[1].scored(**forgot)
+    return ev
 
 
 def _windows(windows: list, limit: int | None) -> list:

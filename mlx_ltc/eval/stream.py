@@ -15,12 +15,13 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlx_ltc.numerics.loss import head_of, token_nll
+from mlx_ltc.records import Record
 
 HEAD_CHUNK = 128  # positions per LM-head call: never (chunk x vocab) logits at once
 
 
 @dataclass
-class StreamPoint:
+class StreamPoint(Record):
     tokens: int  # stream length so far (tokens read; tokens - 1 predicted)
     window: int  # keys kept (0: all)
     nll: float  # mean NLL per predicted token over the stream so far

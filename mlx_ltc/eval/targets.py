@@ -67,15 +67,15 @@ class TargetSet:
     notes: list = field(default_factory=list)
 
 
-def split_files(meta: dict, corpus) -> tuple:
+def split_files(meta, corpus) -> tuple:
     """({split: held-out paths}, notes): the files of the run's test and val splits that the repository
     still has, with a grammar. A file edited since the build is still held out (training never saw any
     version of it) but gives other lines than it did then: the notes count those."""
     usable, changed, gone = {}, 0, 0
-    blobs = meta.get("blobs", {})
+    blobs = meta.blobs
     for name in ("test", "val"):
         usable[name] = []
-        for path in meta["files_by_split"][name]:
+        for path in meta.files_by_split[name]:
             info = corpus.infos.get(path)
             if info is None:
                 gone += 1

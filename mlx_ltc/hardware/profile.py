@@ -20,8 +20,9 @@ import numpy as np
 
 from mlx_ltc import atomic
 from mlx_ltc.errors import UserError
+from mlx_ltc.records import Record
 
-__all__ = ["Probe", "Profile", "cached", "format_size", "machine", "parse_size", "run_profile", "search"]
+__all__ = ["Machine", "Probe", "Profile", "cached", "format_size", "machine", "parse_size", "run_profile", "search"]
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -50,29 +51,44 @@ def backend() -> str:
     return "cpu"
 
 
-def machine() -> dict:
+@dataclass(frozen=True)
+class Machine(Record):
+    backend: str
+    device_name: str
+    total_memory: int
+    available_memory: int
+    cores: int
+    physical_cores: int | None
+    mlx_version: str
+    gpu_memory: int | None = None
+    gpu_working_set: int | None = None
+
+    def to_json(self) -> dict:  # a CPU has no GPU keys
+        return {k: v for k, v in super().to_json().items() if v is not None or not k.startswith("gpu_")}
+
+
+def machine() -> Machine:
     import psutil
 
     vm = psutil.virtual_memory()
-    info = {
-        "backend": backend(),
-        "device_name": str(mx.device_info().get("device_name", "")),
-        "total_memory": vm.total,
-        "available_memory": vm.available,
-        "cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "mlx_version": mx.__version__,
-    }
-    if info["backend"] != "cpu":
-        gpu = mx.device_info()
-        info["gpu_memory"] = gpu.get("memory_size")
-        info["gpu_working_set"] = gpu.get("max_recommended_working_set_size")
-    return info
+    kind = backend()
+    gpu = mx.device_info() if kind != "cpu" else {}
+    return Machine(
+        backend=kind,
+        device_name=str(mx.device_info().get("device_name", "")),
+        total_memory=vm.total,
+        available_memory=vm.available,
+        cores=os.cpu_count(),
+        physical_cores=psutil.cpu_count(logical=False),
+        mlx_version=mx.__version__,
+        gpu_memory=gpu.get("memory_size"),
+        gpu_working_set=gpu.get("max_recommended_working_set_size"),
+    )
 
 
-def default_budget(info: dict) -> int:
+def default_budget(info: Machine) -> int:
     """What this machine lets MLX use: Metal's recommended working set, else 80% of available RAM."""
-    return int(info.get("gpu_working_set") or (info.get("gpu_memory") or info["available_memory"]) * 0.8)
+    return int(info.gpu_working_set or (info.gpu_memory or info.available_memory) * 0.8)
 
 
 def matmul_gflops(kind: str, n: int, repeats: int = 3) -> float:
@@ -99,8 +115,8 @@ def bf16_supported() -> bool:
         return False
 
 
-@dataclass
-class Probe:
+@dataclass(frozen=True)
+class Probe(Record):
     seq_len: int
     fits: bool
     peak_bytes: int | None  # None: stopped early (over budget) or failed to allocate
@@ -110,8 +126,10 @@ class Probe:
     note: str = ""
 
 
-@dataclass
-class Profile:
+@dataclass(frozen=True)
+class Profile(Record):
+    """The longest training step that fits this machine's budget, with how it was found."""
+
     model: str
     backend: str
     device_name: str
@@ -121,15 +139,13 @@ class Profile:
     tokens_per_s: float
     layers_per_stage: int
     batch_size: int
-    settings: dict
-    machine: dict
-    matmul_gflops: dict
+    settings: dict  # what was searched: memory engine, LoRA, batch, max_len, granularity (the cache's key)
+    machine: Machine
+    matmul_gflops: dict[str, float]
     bf16: bool
-    probes: list = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
     created: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    max_len_reached: bool = False  # the search stopped at its --max-len: longer may fit
 
 
 class _OverBudget(Exception):
@@ -243,50 +259,41 @@ def cached(cache_dir: Path, model: str, memory: dict, settings: dict | None = No
 
     path = cache_path(cache_dir, model, backend(), memory)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        found = Profile.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, UserError):  # none, or unreadable: measure again
         return None
-    if settings is not None and data.get("settings") != settings:
+    if settings is not None and found.settings != settings:
         return None
-    if budget is not None and data.get("memory_budget") != budget:
+    if budget is not None and found.memory_budget != budget:
         return None
-    return data
+    return found
 
 
-def run_profile(
-    cfg,
-    budget: int | None,
-    cache_dir: Path,
-    max_len: int | None = None,
-    granularity: int = 256,
-    start: int = 256,
-    batch_size: int = 1,
-    force: bool = False,
-    log=print,
-) -> dict:
+def run_profile(cfg, cache_dir: Path, force: bool = False, log=print) -> Profile:
     """Measure the machine and search the longest L; cached per model and backend."""
     from mlx_ltc import models
     from mlx_ltc.train.lora import apply_lora
     from mlx_ltc.train.update import enable_grad_checkpoint
 
-    info = machine()
-    budget = budget or default_budget(info)
-    max_len = max_len or (8192 if info["backend"] == "cpu" else 131072)
+    asked, info = cfg.profile, machine()
+    budget = parse_size(asked.memory_budget) if asked.memory_budget else default_budget(info)
+    max_len = asked.max_len or (8192 if info.backend == "cpu" else 131072)
+    granularity, start, batch_size = asked.granularity, asked.start, asked.batch_size
     settings = {"memory": asdict(cfg.memory), "lora": asdict(cfg.lora), "batch_size": batch_size, "max_len": max_len,
                 "granularity": granularity, "dequantize": cfg.model.dequantize,
                 "grad_checkpoint": cfg.train.grad_checkpoint}  # fmt: skip
     hit = None if force else cached(cache_dir, cfg.model.name, settings["memory"], settings, budget)
     if hit:
-        log(f"profile: cached result from {hit['created']} (--force to measure again)")
+        log(f"profile: cached result from {hit.created} (--force to measure again)")
         return hit
 
     log(
-        f"profile: {info['backend']} ({info['device_name']}), {info['cores']} cores, "
-        f"{format_size(info['total_memory'])} RAM, budget {format_size(budget)}"
+        f"profile: {info.backend} ({info.device_name}), {info.cores} cores, "
+        f"{format_size(info.total_memory)} RAM, budget {format_size(budget)}"
     )
-    small = 256 if info["backend"] == "cpu" else 1024
+    small = 256 if info.backend == "cpu" else 1024
     gflops = {
-        k: round(matmul_gflops(k, small if k != "fp32" and info["backend"] == "cpu" else 1024), 1)
+        k: round(matmul_gflops(k, small if k != "fp32" and info.backend == "cpu" else 1024), 1)
         for k in ("fp32", "bf16", "q4")
     }
     log(f"profile: matmul GFLOP/s {gflops}")
@@ -329,8 +336,8 @@ def run_profile(
         )
     profile = Profile(
         model=cfg.model.name,
-        backend=info["backend"],
-        device_name=info["device_name"],
+        backend=info.backend,
+        device_name=info.device_name,
         memory_budget=budget,
         weights_bytes=weights,
         max_seq_len=best.seq_len,
@@ -341,22 +348,22 @@ def run_profile(
         machine=info,
         matmul_gflops=gflops,
         bf16=bf16_supported(),
-        probes=[asdict(p) for p in probes],
+        probes=probes,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    ).to_dict()
-    profile["max_len_reached"] = best.seq_len >= max_len
-    atomic.write_json(cache_path(cache_dir, cfg.model.name, info["backend"], settings["memory"]), profile)
+        max_len_reached=best.seq_len >= max_len,
+    )
+    atomic.write_json(cache_path(cache_dir, cfg.model.name, info.backend, settings["memory"]), profile.to_json())
     return profile
 
 
-def summary(p: dict) -> str:
-    capped = " (the search's --max-len; more may fit)" if p.get("max_len_reached") else ""
-    staged = p["settings"]["memory"]["staged"]
-    plan = f"staged, a checkpoint every {p['layers_per_stage']} layer(s)" if staged else "one lazy graph per step"
+def summary(p: Profile) -> str:
+    capped = " (the search's --max-len; more may fit)" if p.max_len_reached else ""
+    staged = p.settings["memory"]["staged"]
+    plan = f"staged, a checkpoint every {p.layers_per_stage} layer(s)" if staged else "one lazy graph per step"
     return (
-        f"{p['model']} on {p['backend']} ({p['device_name']}), budget {format_size(p['memory_budget'])}, "
-        f"weights {format_size(p['weights_bytes'])}\n"
-        f"  matmul GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in p["matmul_gflops"].items()) + f"; bf16 {p['bf16']}\n"
-        f"  longest training sequence: {p['max_seq_len']:,} tokens{capped} at {p['tokens_per_s']:,.0f} tokens/s "
-        f"({plan}, batch {p['batch_size']})\n"
+        f"{p.model} on {p.backend} ({p.device_name}), budget {format_size(p.memory_budget)}, "
+        f"weights {format_size(p.weights_bytes)}\n"
+        f"  matmul GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in p.matmul_gflops.items()) + f"; bf16 {p.bf16}\n"
+        f"  longest training sequence: {p.max_seq_len:,} tokens{capped} at {p.tokens_per_s:,.0f} tokens/s "
+        f"({plan}, batch {p.batch_size})\n"
     )

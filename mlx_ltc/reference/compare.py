@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_ltc import tables
 from mlx_ltc.errors import UserError
 from mlx_ltc.reference import TOLERANCES, deviation
 
@@ -44,23 +45,20 @@ class Comparison:
         self.rows.append(Row(quantity, tolerance, d, r))
 
     def table(self) -> str:
-        lines = [
-            f"compare {self.model}: MLX vs torch ({self.reference_dtype}), {self.steps} steps of "
-            f"{self.batch_size} x {self.seq_len} tokens",
-            f"  {'quantity':<34} {'max |d|':>10} {'rel (L2)':>10} {'tol abs':>9} {'tol rel':>9}  ok",
+        rows = [
+            [r.quantity, f"{r.abs:.2e}", f"{r.rel:.2e}", *_tolerance(r), "yes" if r.ok else "NO"] for r in self.rows
         ]
-        for r in self.rows:
-            t = TOLERANCES[r.tolerance]
-            lines.append(
-                f"  {r.quantity:<34} {r.abs:>10.2e} {r.rel:>10.2e} {t.abs:>9.0e} {t.rel:>9.0e}  "
-                f"{'yes' if r.ok else 'NO'}"
-            )
-        lines.append(f"  {'step':>6} {'loss (mlx)':>12} {'loss (torch)':>12} {'|d|':>9}")
-        for step, a, b, _, _ in self.curve:
-            lines.append(f"  {step:>6} {a:>12.6f} {b:>12.6f} {abs(a - b):>9.2e}")
+        curve = [[step, f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.2e}"] for step, a, b, _, _ in self.curve]
         failed = [r.quantity for r in self.rows if not r.ok]
-        lines.append("  result: " + ("all within tolerance" if not failed else "FAILED: " + ", ".join(failed)))
-        return "\n".join(lines) + "\n"
+        return (
+            f"compare {self.model}: MLX vs torch ({self.reference_dtype}), {self.steps} steps of "
+            f"{self.batch_size} x {self.seq_len} tokens\n"
+            + tables.text(["quantity", "max |d|", "rel (L2)", "tol abs", "tol rel", "ok"], rows, align="lrrrrl")
+            + tables.text(["step", "loss (mlx)", "loss (torch)", "|d|"], curve, align="rrrr")
+            + "  result: "
+            + ("all within tolerance" if not failed else "FAILED: " + ", ".join(failed))
+            + "\n"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -214,3 +212,8 @@ def run(
         torch.cat([ref_lora[n].detach().ravel() for n in sorted(ref_lora)]).double().numpy() - initial,
     )
     return result
+
+
+def _tolerance(row: Row) -> list:
+    tol = TOLERANCES[row.tolerance]
+    return [f"{tol.abs:.0e}", f"{tol.rel:.0e}"]

@@ -84,10 +84,13 @@ class Checkpoints:
         if not self.path(name).is_dir():
             return None
         problem = self.verify(name)
-        if problem:
-            self.log(f"checkpoint {self.path(name)} is damaged: {problem}")
-            return None
-        return json.loads((self.path(name) / STATE).read_text(encoding="utf-8"))
+        if not problem:
+            try:
+                return json.loads((self.path(name) / STATE).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # a checkpoint from before manifests
+                problem = f"unreadable {STATE} ({e.__class__.__name__})"
+        self.log(f"checkpoint {self.path(name)} is damaged: {problem}")
+        return None
 
     def arrays(self, name, stem: str) -> dict:
         return mx.load(str(self.path(name) / f"{stem}.safetensors"))
@@ -125,11 +128,13 @@ class Checkpoints:
             if at_most is not None and step > at_most:
                 continue
             problem = self.verify(step)
-            if problem:
-                self.log(f"checkpoint {self.path(step)} is damaged: {problem}; using the previous one")
-                continue
-            state = json.loads((self.path(step) / STATE).read_text(encoding="utf-8"))
-            if good_only and not state.get("good", True):
-                continue
-            return step, self.arrays(step, "adapters"), self.arrays(step, "optimizer"), state
+            if not problem:
+                try:  # a checkpoint from before manifests is only checked by reading it
+                    state = json.loads((self.path(step) / STATE).read_text(encoding="utf-8"))
+                    if good_only and not state.get("good", True):
+                        continue
+                    return step, self.arrays(step, "adapters"), self.arrays(step, "optimizer"), state
+                except (OSError, ValueError, RuntimeError) as e:
+                    problem = f"unreadable ({str(e).splitlines()[0][:120]})"
+            self.log(f"checkpoint {self.path(step)} is damaged: {problem}; using the previous one")
         return None

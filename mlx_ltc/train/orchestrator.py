@@ -15,9 +15,7 @@ each an Event with the inputs it was made from:
 LR reductions wait `cooldown_evals` evals and stop at `min_lr_factor`. The factor multiplies the
 phase's warmup + cosine rate (`phases.lr_at`), so the schedule never overwrites a reduction.
 
-`Stability.check` runs on every update: non-finite loss or gradient norm -> skip the update;
-loss above spike_factor x the running median -> a spike; `nan_limit` skips or `spike_limit` spikes in
-a row -> roll back to the last good checkpoint with the LR halved. Counts survive rollbacks.
+The stability guards that run on every update are in `runtime/stability.py`.
 """
 
 import math
@@ -25,23 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mlx_ltc.config import OrchestratorConfig, StabilityConfig
-
-
-@dataclass
-class Event:
-    step: int
-    kind: str  # advance hold stop reduce_lr restore_best best phase spike skip unstable rollback checkpoint resume
-    reason: str
-    inputs: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """As strict JSON allows: a non-finite input is written as its name ("nan", "inf")."""
-        inputs = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.inputs.items()}
-        return {**asdict(self), "inputs": inputs}
-
-    def short(self) -> str:
-        return f"{self.kind}: {self.reason}"
+from mlx_ltc.config import OrchestratorConfig
+from mlx_ltc.runtime.events import Event
 
 
 @dataclass
@@ -139,97 +122,3 @@ def context_gain(nll_by_position: np.ndarray) -> float:
     n = len(nll_by_position)
     middle, end = nll_by_position[n // 4 : n // 2].mean(), nll_by_position[3 * n // 4 :].mean()
     return float((middle - end) / middle)
-
-
-@dataclass
-class GradStats:
-    """Welford running mean/variance with min/max, of the pre-clip gradient norm at one length."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-    min: float = math.inf
-    max: float = 0.0
-
-    def add(self, x: float) -> None:
-        self.n += 1
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
-        self.min, self.max = min(self.min, x), max(self.max, x)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
-
-
-@dataclass
-class StabilityState:
-    recent: list = field(default_factory=list)  # the last spike_window accepted losses (restored on rollback)
-    spike_streak: int = 0
-    nan_streak: int = 0
-    # below: counts of everything that happened, kept across rollbacks
-    spikes: int = 0
-    skipped: int = 0
-    rollbacks: int = 0
-    by_length: dict = field(default_factory=dict)  # seq_len -> {"grad": GradStats, "spikes": n, "skipped": n}
-
-
-class Stability:
-    def __init__(self, cfg: StabilityConfig, state: StabilityState | None = None):
-        self.cfg, self.state = cfg, state or StabilityState()
-
-    def _length(self, seq_len: int) -> dict:
-        return self.state.by_length.setdefault(str(seq_len), {"grad": GradStats(), "spikes": 0, "skipped": 0})
-
-    def check(self, step: int, loss: float, grad_norm: float, seq_len: int) -> tuple:
-        """(apply the update?, events); an event of kind "unstable" asks for a rollback."""
-        s, c = self.state, self.cfg
-        per_length = self._length(seq_len)
-        inputs = {"loss": loss, "grad_norm": grad_norm, "seq_len": seq_len}
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            s.nan_streak += 1
-            s.skipped += 1
-            per_length["skipped"] += 1
-            events = [Event(step, "skip", f"non-finite loss {loss} or grad norm {grad_norm}; update skipped", inputs)]
-            if s.nan_streak >= c.nan_limit:
-                events.append(Event(step, "unstable", f"{s.nan_streak} non-finite updates in a row", inputs))
-            return False, events
-        s.nan_streak = 0
-        per_length["grad"].add(grad_norm)
-        events = []
-        if len(s.recent) >= 5:
-            median = float(np.median(s.recent))
-            inputs["median"] = median
-            if loss > c.spike_factor * median:
-                s.spike_streak += 1
-                s.spikes += 1
-                per_length["spikes"] += 1
-                events.append(
-                    Event(step, "spike", f"loss {loss:.4f} > {c.spike_factor:g} x median {median:.4f}", inputs)
-                )
-                if s.spike_streak >= c.spike_limit:
-                    events.append(Event(step, "unstable", f"{s.spike_streak} spikes in a row", inputs))
-                return True, events
-        s.spike_streak = 0
-        s.recent = (s.recent + [loss])[-c.spike_window :]
-        return True, events
-
-    def rolled_back(self, restored: "StabilityState") -> None:
-        """Take the window of the checkpoint rolled back to; keep the counts."""
-        self.state.recent = list(restored.recent)
-        self.state.spike_streak = self.state.nan_streak = 0
-        self.state.rollbacks += 1
-
-    def to_dict(self) -> dict:
-        d = asdict(self.state)
-        return d
-
-    @classmethod
-    def from_dict(cls, cfg, d: dict) -> "Stability":
-        d = dict(d)
-        d["by_length"] = {
-            k: {**v, "grad": GradStats(**v["grad"]) if isinstance(v["grad"], dict) else v["grad"]}
-            for k, v in d["by_length"].items()
-        }
-        return cls(cfg, StabilityState(**d))

@@ -2,9 +2,11 @@
 
 from dataclasses import dataclass
 
+from mlx_ltc.records import Record
+
 
 @dataclass
-class TrainResult:
+class TrainResult(Record):
     steps: int
     tokens: int
     wall_s: float

@@ -41,58 +41,61 @@ def phase_rows(rows: list, events: list) -> list:
 
 
 def length_rows(rows: list, by_length: dict) -> list:
-    """One summary per sequence length: final val perplexity at that length, spikes and skipped
-    updates and pre-clip gradient-norm statistics over every attempt (rolled-back ones included)."""
+    """One summary per sequence length (`by_length`: str(seq_len) -> stability.LengthCounts): final val
+    perplexity at that length, spikes and skipped updates and pre-clip gradient-norm statistics over
+    every attempt (rolled-back ones included)."""
     out = []
     for length in sorted(by_length, key=int):
-        s = by_length[length]
-        g = s["grad"]
+        counts = by_length[length]
+        grad, n = counts.grad, counts.grad.n
         evals = [r for r in rows if r["seq_len"] == int(length) and "val_loss" in r]
-        n = g["n"]
         out.append(
             {
                 "seq_len": int(length),
                 "updates": n,
                 "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
-                "spikes": s["spikes"],
-                "skipped": s["skipped"],
-                "grad_norm_mean": g["mean"],
-                "grad_norm_std": math.sqrt(g["m2"] / (n - 1)) if n > 1 else 0.0,
-                "grad_norm_min": g["min"] if n else math.nan,
-                "grad_norm_max": g["max"] if n else math.nan,
+                "spikes": counts.spikes,
+                "skipped": counts.skipped,
+                "grad_norm_mean": grad.mean,
+                "grad_norm_std": grad.std,
+                "grad_norm_min": grad.min if n else math.nan,
+                "grad_norm_max": grad.max if n else math.nan,
             }
         )
     return out
 
 
 def tables(phases: list, lengths: list, counts: dict) -> str:
-    lines = [
-        "per phase (ppl: the eval slice at the phase's length):",
-        f"  {'phase':>5} {'length':>7} {'steps':>11} {'final ppl':>10} {'ctx gain':>9} "
-        f"{'spikes':>6} {'skipped':>7} {'grad norm':>17}",
-    ]
-    for p in phases:
-        lines.append(
-            f"  {p['phase']:>5} {p['seq_len']:>7,} {p['steps']:>11} {p['final_val_ppl']:>10.3f} "
-            f"{p['context_gain']:>+9.2%} {p['spikes']:>6} {p['skipped']:>7} "
-            f"{p['grad_norm_mean']:>8.3f} ± {p['grad_norm_std']:<6.3f}"
+    from mlx_ltc import tables as layout
+
+    per_phase = [
+        [p["phase"], f"{p['seq_len']:,}", p["steps"], f"{p['final_val_ppl']:.3f}", f"{p['context_gain']:+.2%}",
+         p["spikes"], p["skipped"], _spread(p)]
+        for p in phases
+    ]  # fmt: skip
+    per_length = [
+        [f"{r['seq_len']:,}", r["updates"], f"{r['final_val_ppl']:.3f}", r["spikes"], r["skipped"],
+         _spread(r), f"{r['grad_norm_min']:.3f}", f"{r['grad_norm_max']:.3f}"]
+        for r in lengths
+    ]  # fmt: skip
+    return (
+        "per phase (ppl: the eval slice at the phase's length):\n"
+        + layout.text(
+            ["phase", "length", "steps", "final ppl", "ctx gain", "spikes", "skipped", "grad norm"], per_phase, "r" * 8
         )
-    lines += [
-        "per length (every attempt, rolled-back ones included):",
-        f"  {'length':>7} {'updates':>8} {'final ppl':>10} {'spikes':>6} {'skipped':>7} "
-        f"{'grad norm mean ± std':>22} {'min':>7} {'max':>7}",
-    ]
-    for r in lengths:
-        lines.append(
-            f"  {r['seq_len']:>7,} {r['updates']:>8} {r['final_val_ppl']:>10.3f} {r['spikes']:>6} "
-            f"{r['skipped']:>7} {r['grad_norm_mean']:>13.3f} ± {r['grad_norm_std']:<6.3f} "
-            f"{r['grad_norm_min']:>7.3f} {r['grad_norm_max']:>7.3f}"
+        + "per length (every attempt, rolled-back ones included):\n"
+        + layout.text(
+            ["length", "updates", "final ppl", "spikes", "skipped", "grad norm mean ± std", "min", "max"],
+            per_length,
+            "r" * 8,
         )
-    lines.append(
-        f"stability: {counts['spikes']} loss spikes, {counts['skipped']} non-finite updates skipped, "
-        f"{counts['rollbacks']} rollbacks"
+        + f"stability: {counts['spikes']} loss spikes, {counts['skipped']} non-finite updates skipped, "
+        f"{counts['rollbacks']} rollbacks\n"
     )
-    return "\n".join(lines) + "\n"
+
+
+def _spread(row: dict) -> str:
+    return f"{row['grad_norm_mean']:.3f} ± {row['grad_norm_std']:.3f}"
 
 
 def log_ticks(values, n: int = 5) -> list:

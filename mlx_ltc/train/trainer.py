@@ -32,7 +32,10 @@ from mlx_ltc.train import phases, summary
 from mlx_ltc.train.result import TrainResult
 from mlx_ltc.train.update import Updater, enable_grad_checkpoint
 from mlx_ltc.train.batches import endless_indices
-from mlx_ltc.train.orchestrator import Event, Orchestrator, Stability, context_gain
+from mlx_ltc.runtime import stability
+from mlx_ltc.runtime.events import Event
+from mlx_ltc.runtime.stability import StabilityState
+from mlx_ltc.train.orchestrator import Orchestrator, context_gain
 
 
 @dataclass
@@ -70,7 +73,7 @@ class Trainer:
         self.updater = Updater(model, cfg.train, cfg.memory)
         self.checkpoints = Checkpoints(self.run_dir, cfg.checkpoint.keep_last, log)
         self.orchestrator = Orchestrator(cfg.orchestrator)
-        self.stability = Stability(cfg.stability)
+        self.stability = StabilityState()
         self.state = TrainerState(weight_decay=cfg.train.weight_decay)
         self.metrics, self.events_path = MetricsLog(self.run_dir / "metrics.jsonl"), self.run_dir / "events.jsonl"
         self.pending = []  # events to show on the next metrics line
@@ -101,12 +104,11 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------------
     def _state_dict(self) -> dict:
-        s = self.stability.state
         return {
             "trainer": asdict(self.state),
             "orchestrator": self.orchestrator.to_dict(),
-            "stability": self.stability.to_dict(),
-            "good": s.spike_streak == 0 and s.nan_streak == 0,
+            "stability": self.stability.to_json(),
+            "good": self.stability.good,
         }
 
     def save(self, why: str) -> None:
@@ -120,12 +122,12 @@ class Trainer:
         self.model.update(tree_unflatten(list(adapters.items())))
         self.updater.optimizer.state = tree_unflatten(list(optimizer.items()))
         self.orchestrator = Orchestrator.from_dict(self.cfg.orchestrator, state["orchestrator"])
-        restored = Stability.from_dict(self.cfg.stability, state["stability"])
+        restored = StabilityState.from_json(state["stability"])
         trainer = TrainerState(**state["trainer"])
         if everything:
             self.stability, self.state = restored, trainer
         else:  # a rollback: the counts, the attempts and the data position go on
-            self.stability.rolled_back(restored.state)
+            stability.rolled_back(self.stability, restored)
             keep = self.state
             trainer.attempts, trainer.train_s = keep.attempts, keep.train_s
             if trainer.phase == keep.phase:
@@ -210,18 +212,20 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.finish()
         n = sum(p.size for _, p in tree_flatten(self.model.trainable_parameters()))
-        s = self.state
-        return TrainResult(s.step, s.tokens, s.train_s, s.tokens / max(s.train_s, 1e-9),
-                           hardware.peak_memory_gb(), s.last_loss, n, self.report())  # fmt: skip
+        state = self.state
+        return TrainResult(state.step, state.tokens, state.train_s, state.tokens / max(state.train_s, 1e-9),
+                           hardware.peak_memory_gb(), state.last_loss, n, self.report())  # fmt: skip
 
     def _loop(self, bar) -> None:
         while not self.state.done:
             stream, more = self._batches(self.phase), True
             while more:
                 more = self._attempt(stream)
-                s = self.state
-                bar.set_postfix(phase=s.phase + 1, L=self.phase.seq_len, loss=f"{s.last_loss:.3f}", refresh=False)
-                bar.update(s.step - bar.n)  # negative after a rollback
+                state = self.state
+                bar.set_postfix(
+                    phase=state.phase + 1, L=self.phase.seq_len, loss=f"{state.last_loss:.3f}", refresh=False
+                )
+                bar.update(state.step - bar.n)  # negative after a rollback
                 if self.stop.requested and not self.state.done:
                     self.save("interrupted (Ctrl-C)")
                     raise Interrupted(
@@ -231,10 +235,10 @@ class Trainer:
 
     def report(self) -> dict:
         """Summary tables and plots/training.png from the run's metrics and events."""
-        rows, stb = self.rows(), self.stability.to_dict()
+        rows, counted = self.rows(), self.stability
         events = [json.loads(line) for line in self.events_path.read_text(encoding="utf-8").splitlines()]
-        by_phase, by_length = summary.phase_rows(rows, events), summary.length_rows(rows, stb["by_length"])
-        counts = {k: stb[k] for k in ("spikes", "skipped", "rollbacks")}
+        by_phase, by_length = summary.phase_rows(rows, events), summary.length_rows(rows, counted.by_length)
+        counts = {"spikes": counted.spikes, "skipped": counted.skipped, "rollbacks": counted.rollbacks}
         if rows:
             summary.plot(rows, events, self.run_dir / "plots" / "training.png")
         kinds = {}
@@ -246,25 +250,28 @@ class Trainer:
 
     def _attempt(self, stream) -> bool:
         """One update attempt. False when the stream must be rebuilt (new phase, rollback) or the run ended."""
-        s, phase, st = self.state, self.phase, self.cfg.stability
+        state, phase, rules = self.state, self.phase, self.cfg.stability
         started = time.perf_counter()
         micro = [next(stream) for _ in range(phase.grad_accum)]
-        s.cursor += phase.grad_accum
-        s.attempts += 1
-        mx.random.seed(self.cfg.train.seed * 1_000_003 + s.attempts)  # LoRA dropout's draws follow the state
+        state.cursor += phase.grad_accum
+        state.attempts += 1
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + state.attempts)  # LoRA dropout's draws follow the state
         grads, loss, tokens = self.updater.gradients(micro)
-        if s.attempts in st.inject_nan:
+        if state.attempts in rules.inject_nan:
             grads, loss = tree_map(lambda g: g * math.nan, grads), math.nan
-        if s.attempts in st.inject_spike:
+        if state.attempts in rules.inject_spike:
             grads, loss = tree_map(lambda g: g * 8, grads), loss * 8
         grads, grad_norm = self.updater.clip(grads)
-        apply, events = self.stability.check(s.step + 1, loss, grad_norm, phase.seq_len)
-        lr = phases.lr_at(self.cfg.train, phase, s.phase_step, self.orchestrator.state.lr_factor)
+        apply, events = stability.check(self.stability, rules, state.step + 1, loss, grad_norm, phase.seq_len)
+        lr = phases.lr_at(self.cfg.train, phase, state.phase_step, self.orchestrator.state.lr_factor)
         if apply:
             self.updater.apply(grads, lr)
-            s.step, s.phase_step, s.tokens, s.last_loss = s.step + 1, s.phase_step + 1, s.tokens + tokens, loss
-            s.train_ema = loss if s.train_ema is None else 0.9 * s.train_ema + 0.1 * loss
-        s.train_s += time.perf_counter() - started
+            state.step += 1
+            state.phase_step += 1
+            state.tokens += tokens
+            state.last_loss = loss
+            state.train_ema = loss if state.train_ema is None else 0.9 * state.train_ema + 0.1 * loss
+        state.train_s += time.perf_counter() - started
         for e in events:
             self._event(e)
         if any(e.kind == "unstable" for e in events):
@@ -272,21 +279,29 @@ class Trainer:
             return False
         if not apply:
             return True
-        row = {"step": s.step, "phase": s.phase + 1, "seq_len": phase.seq_len, "loss": loss, "lr": lr,
-               "grad_norm": grad_norm, "tokens": s.tokens}  # fmt: skip
+        row = {"step": state.step, "phase": state.phase + 1, "seq_len": phase.seq_len, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "tokens": state.tokens}  # fmt: skip
         decisions = []
-        if s.phase_step % self._eval_every(phase) == 0 or s.phase_step >= phase.steps:
-            decisions = self._evaluate(row, last=s.phase == len(s.plan) - 1)
+        if state.phase_step % self._eval_every(phase) == 0 or state.phase_step >= phase.steps:
+            decisions = self._evaluate(row, last=state.phase == len(state.plan) - 1)
         for e in decisions:  # on this step's line; acted on once the line is written (checkpoints follow it)
             self._event(e, show=e.kind != "best")
-        stb = self.stability.state
-        row.update({"tokens_per_s": s.tokens / max(s.train_s, 1e-9), "peak_memory_gb": hardware.peak_memory_gb(),
-                    "elapsed_s": s.train_s, "spikes": stb.spikes, "skipped": stb.skipped, "rollbacks": stb.rollbacks,
-                    "events": self.pending})  # fmt: skip
+        counted = self.stability
+        row.update(
+            {
+                "tokens_per_s": state.tokens / max(state.train_s, 1e-9),
+                "peak_memory_gb": hardware.peak_memory_gb(),
+                "elapsed_s": state.train_s,
+                "spikes": counted.spikes,
+                "skipped": counted.skipped,
+                "rollbacks": counted.rollbacks,
+                "events": self.pending,
+            }
+        )
         self.pending = []
         self.metrics.append(row)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "events"}, step=s.step)
+            self.wandb.log({k: v for k, v in row.items() if k != "events"}, step=state.step)
         return self._decide(decisions, phase)
 
     def _evaluate(self, row: dict, last: bool) -> list:
@@ -309,47 +324,47 @@ class Trainer:
         before = self.orchestrator.state.best_step
         spent = self.state.phase_step / self.phase.steps
         decisions = self.orchestrator.on_eval(self.state.step, loss, self.state.train_ema, gain, last, spent)
-        o = self.orchestrator.state
-        if o.best_step != before and o.best_step == self.state.step:
-            why = f"new best smoothed val loss {o.best:.4f} in phase {self.state.phase + 1}"
+        steering = self.orchestrator.state
+        if steering.best_step != before and steering.best_step == self.state.step:
+            why = f"new best smoothed val loss {steering.best:.4f} in phase {self.state.phase + 1}"
             decisions.insert(0, Event(self.state.step, "best", why))
         return decisions
 
     def _decide(self, decisions: list, phase: phases.Phase) -> bool:
-        s = self.state
+        state = self.state
         saved = False
         for e in decisions:
             if e.kind == "restore_best":
                 self._restore_best(regularize=not any(d.kind == "stop" for d in decisions))
             elif e.kind == "stop":
-                s.done = e.reason
+                state.done = e.reason
             elif e.kind == "advance":
                 return self._advance(e.reason)
             elif e.kind == "best":
                 saved = True
         every = self.cfg.checkpoint.save_every
-        if s.phase_step >= phase.steps and not s.done:
+        if state.phase_step >= phase.steps and not state.done:
             return self._advance("schedule: the phase's budget is spent")
-        if s.done or saved or (every and s.step % every == 0):
-            self.save("end: " + s.done if s.done else "new best" if saved else f"every {every} steps")
-        return not s.done
+        if state.done or saved or (every and state.step % every == 0):
+            self.save("end: " + state.done if state.done else "new best" if saved else f"every {every} steps")
+        return not state.done
 
     def _advance(self, why: str) -> bool:
-        s = self.state
-        if s.phase + 1 >= len(s.plan):
-            s.done = "schedule"
+        state = self.state
+        if state.phase + 1 >= len(state.plan):
+            state.done = "schedule"
             self.save("end of the last phase")
             return False
-        left = s.plan[s.phase]["steps"] - s.phase_step  # an early advance hands its unused updates on
-        s.plan[s.phase]["steps"] = s.phase_step
-        s.plan[s.phase + 1]["steps"] += left
-        s.phase, s.phase_step, s.cursor = s.phase + 1, 0, 0
+        left = state.plan[state.phase]["steps"] - state.phase_step  # an early advance hands its unused updates on
+        state.plan[state.phase]["steps"] = state.phase_step
+        state.plan[state.phase + 1]["steps"] += left
+        state.phase, state.phase_step, state.cursor = state.phase + 1, 0, 0
         self.orchestrator.new_phase()
         nxt = self.phase
-        self._event(Event(s.step, "phase", f"phase {s.phase + 1} at {nxt.seq_len:,} tokens ({why})",
+        self._event(Event(state.step, "phase", f"phase {state.phase + 1} at {nxt.seq_len:,} tokens ({why})",
                           {"seq_len": nxt.seq_len, "lr_mult": nxt.lr_mult, "band": nxt.band, "steps": nxt.steps,
                            "inherited": left}))  # fmt: skip
-        self.save(f"start of phase {s.phase + 1}")
+        self.save(f"start of phase {state.phase + 1}")
         return False
 
     def _restore_best(self, regularize: bool) -> None:
@@ -367,10 +382,10 @@ class Trainer:
         mx.eval(self.model.trainable_parameters(), self.updater.optimizer.state)
 
     def _rollback(self) -> None:
-        st = self.stability.state
-        if st.rollbacks >= self.cfg.stability.max_rollbacks:
+        counted = self.stability
+        if counted.rollbacks >= self.cfg.stability.max_rollbacks:
             raise UserError(
-                f"training is unstable: {st.rollbacks} rollbacks, {st.spikes} loss spikes, {st.skipped} "
+                f"training is unstable: {counted.rollbacks} rollbacks, {counted.spikes} loss spikes, {counted.skipped} "
                 f"non-finite updates; lower train.lr (run kept in {self.run_dir})"
             )
         found = self.checkpoints.load(at_most=self.state.step, good_only=True)
@@ -378,11 +393,13 @@ class Trainer:
             raise UserError(f"training is unstable and {self.run_dir} has no good checkpoint to roll back to")
         step, adapters, optimizer, state = found
         self._restore(step, adapters, optimizer, state, everything=False)
-        o = self.orchestrator.state
-        o.lr_factor = max(self.cfg.orchestrator.min_lr_factor, o.lr_factor * self.cfg.orchestrator.lr_factor)
+        steering = self.orchestrator.state
+        steering.lr_factor = max(
+            self.cfg.orchestrator.min_lr_factor, steering.lr_factor * self.cfg.orchestrator.lr_factor
+        )
         self.checkpoints.drop_after(step)
-        self._event(Event(step, "rollback", f"restored the checkpoint at step {step}; LR factor now {o.lr_factor:g}",
-                          {"rollbacks": self.stability.state.rollbacks}))  # fmt: skip
+        why = f"restored the checkpoint at step {step}; LR factor now {steering.lr_factor:g}"
+        self._event(Event(step, "rollback", why, {"rollbacks": self.stability.rollbacks}))
 
     def _init_wandb(self) -> None:
         if self.cfg.orchestrator.report_to != "wandb":

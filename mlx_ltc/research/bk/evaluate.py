@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_ltc import config
+from mlx_ltc import config, tables
 from mlx_ltc.research.bk import data
 from mlx_ltc.research.bk.loss import nll_per_token
 from mlx_ltc.research.bk.train import load_checkpoint
@@ -71,7 +71,7 @@ def stream_eval(model, tokens: np.ndarray, chunk: int = 4096, marks=None, progre
     return points
 
 
-def _stream_source(run_dir: Path, state: dict, stream_tokens: int, corpus: Path | None, cache_dir=None):
+def _stream_source(run_dir: Path, state: dict, stream_tokens: int, corpus: str | None, cache_dir=None):
     """(tokens, description): the run's val slice, or a directory's files in the repo-level format."""
     if corpus is None:
         tokens = data.load(run_dir / "data").val
@@ -88,17 +88,16 @@ def _stream_source(run_dir: Path, state: dict, stream_tokens: int, corpus: Path 
     return tokens, {"kind": "corpus", "path": str(Path(corpus).resolve()), "files": files}
 
 
-def evaluate_run(run_dir: Path, stream_tokens: int, corpus: Path | None = None, chunk: int = 4096,
-                 seq_len: int | None = None, progress: bool = True, log=print, cache_dir=None) -> dict:  # fmt: skip
+def evaluate_run(run_dir: Path, opts: config.BkEvalConfig, progress: bool = True, log=print, cache_dir=None) -> dict:
+    """`bk eval`: the config's bk.eval section (validated by `config.merge`) over a run's checkpoint."""
     from mlx_ltc import progress as progress_bars
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory does not exist: {run_dir}")
-    if chunk < 1 or stream_tokens < 0:
-        raise UserError("--chunk must be positive and --stream-tokens not negative")
-    model, state = load_checkpoint(run_dir, seq_len)
-    tokens, source = _stream_source(run_dir, state, stream_tokens, corpus, cache_dir)
+    stream_tokens, chunk = opts.stream_tokens, opts.chunk
+    model, state = load_checkpoint(run_dir, opts.seq_len)
+    tokens, source = _stream_source(run_dir, state, stream_tokens, opts.corpus, cache_dir)
     source["tokens"] = len(tokens)
     if stream_tokens and len(tokens) < stream_tokens:
         log(f"bk eval: the stream source holds {len(tokens):,} tokens, fewer than --stream-tokens {stream_tokens:,}")
@@ -116,13 +115,10 @@ def evaluate_run(run_dir: Path, stream_tokens: int, corpus: Path | None = None, 
 
 
 def table(result: dict) -> str:
-    lines = [
-        f"stream of the length-{result['checkpoint_seq_len']:,} checkpoint, chunks of {result['chunk']:,}:",
-        f"{'tokens':>10} {'nll':>8} {'ppl':>10} {'tokens/s':>10} {'peak MB':>9}",
-    ]
-    for p in result["points"]:
-        lines.append(
-            f"{p['tokens']:>10,} {p['nll']:>8.4f} {np.exp(min(p['nll'], 700)):>10.3f} "
-            f"{p['tokens_per_s']:>10,.0f} {p['peak_bytes'] / 2**20:>9.1f}"
-        )
-    return "\n".join(lines) + "\n"
+    rows = [
+        [f"{p['tokens']:,}", f"{p['nll']:.4f}", f"{np.exp(min(p['nll'], 700)):.3f}", f"{p['tokens_per_s']:,.0f}",
+         f"{p['peak_bytes'] / 2**20:.1f}"]
+        for p in result["points"]
+    ]  # fmt: skip
+    title = f"stream of the length-{result['checkpoint_seq_len']:,} checkpoint, chunks of {result['chunk']:,}:\n"
+    return title + tables.text(["tokens", "nll", "ppl", "tokens/s", "peak MB"], rows, align="rrrrr")

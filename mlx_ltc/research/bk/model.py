@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from mlx_ltc.config import BkModelConfig
 from mlx_ltc.research.bk.core import green_function
 from mlx_ltc.research.bk.scan import linear_scan
 
@@ -33,14 +34,17 @@ __all__ = ["BKConfig", "BKModel", "LayerState", "scattering_experts"]
 
 @dataclass
 class BKConfig:
+    """The model as its checkpoints record it: the command's sizes (config.BkModelConfig, whose defaults
+    these are), the vocabulary and the architecture's constants."""
+
     vocab_size: int
-    d_model: int = 256
-    n_layers: int = 4
-    channels: int | None = None  # BK channels per layer; d_model when None
-    n_experts: int = 4
-    top_k: int = 2
-    expert_hidden: int = 512
-    router: str = "learned"  # or "scattering": parameter-free, top-1 by the phase of g
+    d_model: int = BkModelConfig.d_model
+    n_layers: int = BkModelConfig.n_layers
+    channels: int | None = BkModelConfig.channels  # BK channels per layer; d_model when None
+    n_experts: int = BkModelConfig.n_experts
+    top_k: int = BkModelConfig.top_k
+    expert_hidden: int = BkModelConfig.expert_hidden
+    router: str = BkModelConfig.router  # or "scattering": parameter-free, top-1 by the phase of g
     h0: float = 2.0  # diagonal of the free Hamiltonian (the discrete Laplacian)
     potential_scale: float = 2.0
     coupling_init: float = 1.0

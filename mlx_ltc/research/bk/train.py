@@ -3,7 +3,7 @@
 Each length trains `steps_per_length` AdamW updates of max(1, tokens_per_step // length) random windows
 of the train stream (so tokens per update stay about constant), at its own warmup + cosine rate
 (`runtime.schedule`), with the pre-clip gradient norm, loss spikes (> 2x the running median) and
-non-finite updates (skipped) counted by `train.orchestrator.Stability`. Sequences longer than `train_chunk`
+non-finite updates (skipped) counted by `runtime.stability`. Sequences longer than `train_chunk`
 go through forward and backward a chunk at a time with the carried state (`bk.chunked`), so memory does
 not grow with length. Each length ends with a val loss on non-overlapping windows of that length and a
 checkpoint.
@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,10 +28,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_ltc import atomic
+from mlx_ltc import atomic, tables
 from mlx_ltc.research.bk import chunked, data
 from mlx_ltc.research.bk.model import BKConfig, BKModel
-from mlx_ltc.config import StabilityConfig
+from mlx_ltc.config import BkCorpusConfig, BkModelConfig, BkTrainConfig, StabilityConfig
 from mlx_ltc.errors import Interrupted, UserError
 from mlx_ltc.runtime.checkpoints import Checkpoints
 from mlx_ltc.runtime.interrupt import StopRequest
@@ -39,36 +39,11 @@ from mlx_ltc.runtime.metrics import MetricsLog
 from mlx_ltc.runtime.rundir import CONTINUE, RunDir
 from mlx_ltc.runtime.schedule import warmup_cosine
 from mlx_ltc.train.update import enable_grad_checkpoint
-from mlx_ltc.train.orchestrator import Stability
+from mlx_ltc.runtime import stability
+from mlx_ltc.runtime.stability import StabilityState
 from mlx_ltc.train.phases import Phase
 
-__all__ = ["TrainOptions", "load_checkpoint", "summary_table", "train"]
-
-DEFAULT_SEQ_LENS = (128, 512, 2048, 8192, 32768, 131072)
-
-
-@dataclass
-class TrainOptions:
-    seq_lens: list = field(default_factory=lambda: list(DEFAULT_SEQ_LENS))
-    steps_per_length: int = 200
-    tokens_per_step: int = 32768  # a length above it trains one sequence per update
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20  # per length, at most a fifth of its steps after the first
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-    val_tokens: int = 65536  # per length, at least one window
-    seed: int = 0
-    grad_checkpoint: bool = False  # recompute each block in the backward: less memory at long lengths
-    train_chunk: int = 8192  # longer sequences go through forward/backward a chunk at a time (0: never)
-    inject_nan: list = field(default_factory=list)  # fault injection: update attempts whose gradients are NaN
-
-
-@dataclass
-class CorpusOptions:
-    root: str
-    val_share: float = 0.05
-    max_tokens: int = 0  # 0: every file
+__all__ = ["LengthRun", "load_checkpoint", "summary_table", "train"]
 
 
 def _log(msg):
@@ -79,11 +54,13 @@ def _finite(x):
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _settings(model: dict, opts: TrainOptions, corpus: CorpusOptions) -> dict:
-    return json.loads(json.dumps({"model": model, "train": asdict(opts), "corpus": asdict(corpus)}))
+def run_settings(model: BkModelConfig, opts: BkTrainConfig, corpus: BkCorpusConfig) -> dict:
+    """run.json: the config's bk sections as they always were laid out, so a rerun of a run written before
+    compares equal (check_out)."""
+    return json.loads(json.dumps({"model": asdict(model), "train": asdict(opts), "corpus": asdict(corpus)}))
 
 
-def length_phases(opts: TrainOptions) -> list:
+def length_phases(opts: BkTrainConfig) -> list:
     """One `Phase` (the LoRA curriculum's unit) per length: its batch and its own LR schedule."""
     steps = opts.steps_per_length
     return [
@@ -91,20 +68,6 @@ def length_phases(opts: TrainOptions) -> list:
               grad_accum=1, warmup=min(opts.warmup_steps, steps // 5 if i else max(steps - 1, 0)))
         for i, n in enumerate(opts.seq_lens)
     ]  # fmt: skip
-
-
-def check_options(opts: TrainOptions) -> None:
-    lens = opts.seq_lens
-    if not lens:
-        raise UserError("--seq-lens: give at least one length")
-    if any(n < 2 for n in lens) or lens != sorted(set(lens)):
-        raise UserError(f"--seq-lens must be increasing lengths of at least 2 tokens, got {','.join(map(str, lens))}")
-    if min(opts.steps_per_length, opts.tokens_per_step, opts.val_tokens) < 1:
-        raise UserError("--steps-per-length, --tokens-per-step and --val-tokens must be positive")
-    if opts.train_chunk < 0:
-        raise UserError(f"--train-chunk must be 0 (whole sequences) or positive, got {opts.train_chunk}")
-    if not (opts.lr > 0 and opts.max_grad_norm > 0 and 0 <= opts.min_lr_ratio <= 1):
-        raise UserError("--lr and --max-grad-norm must be positive, --min-lr-ratio in [0, 1]")
 
 
 def check_corpus(corpus: data.Corpus, lens: list) -> None:
@@ -235,11 +198,12 @@ class LengthRun:
     """One model through the length curriculum: windows, AdamW with per-length warmup + cosine, clipping,
     stability counts; shared by `bk train` and scripts/bench_bk.py."""
 
-    def __init__(self, model, corpus: data.Corpus, opts: TrainOptions, out: Path, progress: bool):
+    def __init__(self, model, corpus: data.Corpus, opts: BkTrainConfig, out: Path, progress: bool):
         self.model, self.corpus, self.opts, self.out, self.progress = model, corpus, opts, Path(out), progress
         self.optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay, bias_correction=True)
         self.loss_and_grad = chunked.value_and_grad(model, opts.train_chunk)
-        self.stability = Stability(StabilityConfig(spike_limit=sys.maxsize, inject_nan=list(opts.inject_nan)))
+        self.stability = StabilityState()
+        self.rules = StabilityConfig(spike_limit=sys.maxsize)  # spikes are counted, never rolled back
         self.step = self.attempts = 0
         self.rows = []
         self.stop = StopRequest(_log, "saving after this update")  # bk train's Ctrl-C
@@ -248,7 +212,7 @@ class LengthRun:
         path = path or _checkpoint_dir(self.out, state["seq_len"])
         self.model.load_weights(str(path / "model.safetensors"))
         self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-        self.stability = Stability.from_dict(self.stability.cfg, state["stability"])
+        self.stability = StabilityState.from_json(state["stability"])
         self.step, self.attempts = state["step"], state["attempts"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -256,11 +220,11 @@ class LengthRun:
         """(loss, pre-clip grad norm, applied?) of one update attempt."""
         self.attempts += 1
         loss, grads = self.loss_and_grad(self.model, batch)
-        if self.attempts in self.stability.cfg.inject_nan:
+        if self.attempts in self.opts.inject_nan:
             grads = tree_map(lambda g: g * math.nan, grads)
         grads, norm = optim.clip_grad_norm(grads, self.opts.max_grad_norm)
         loss, norm = loss.item(), norm.item()
-        apply, events = self.stability.check(self.step + 1, loss, norm, batch.shape[1] - 1)
+        apply, events = stability.check(self.stability, self.rules, self.step + 1, loss, norm, batch.shape[1] - 1)
         if any(e.kind == "unstable" for e in events):
             raise UserError(
                 f"training diverged at update {self.step + 1}: {events[-1].reason}; lower --lr "
@@ -275,7 +239,7 @@ class LengthRun:
 
     def _save_partial(self, phase: Phase, done: int, rng, losses: list, tokens: int, train_s: float) -> None:
         state = {"seq_len": phase.seq_len, "index": phase.index, "length_step": done, "step": self.step,
-                 "attempts": self.attempts, "stability": self.stability.to_dict(), "rng": rng.bit_generator.state,
+                 "attempts": self.attempts, "stability": self.stability.to_json(), "rng": rng.bit_generator.state,
                  "losses": losses, "tokens": tokens, "train_s": train_s}  # fmt: skip
         save_checkpoint(self.out, self.model, self.optimizer, state, PARTIAL)
 
@@ -329,8 +293,8 @@ class LengthRun:
         self.model.eval()
         v_loss, v_tokens = val_loss(self.model, self.corpus.val, n, self.opts.val_tokens, batch, self.opts.train_chunk)
         self.model.train()
-        per_length = self.stability.state.by_length.get(str(n))
-        grad = per_length["grad"] if per_length else None
+        per_length = self.stability.by_length.get(str(n))
+        grad = per_length.grad if per_length else None
         tail = losses[-max(1, len(losses) // 10) :]
         return {
             "seq_len": n,
@@ -341,8 +305,8 @@ class LengthRun:
             "val_loss": _finite(v_loss),
             "val_ppl": _finite(math.exp(v_loss)) if v_loss < 700 else None,
             "val_tokens": v_tokens,
-            "spikes": per_length["spikes"] if per_length else 0,
-            "nonfinite": per_length["skipped"] if per_length else 0,
+            "spikes": per_length.spikes if per_length else 0,
+            "nonfinite": per_length.skipped if per_length else 0,
             "grad_norm_mean": _finite(grad.mean) if grad and grad.n else None,
             "grad_norm_std": _finite(grad.std) if grad and grad.n else None,
             "grad_norm_min": _finite(grad.min) if grad and grad.n else None,
@@ -369,17 +333,14 @@ def _fmt(x, spec):
 
 def summary_table(rows: list) -> str:
     """The design's table: length, final (val) perplexity, spikes, grad norm mean +- std."""
-    lines = [
-        f"{'length':>8} {'final ppl':>10} {'spikes':>6} {'non-finite':>10} {'grad norm mean ± std':>22} "
-        f"{'tokens/s':>9} {'peak GB':>8}"
-    ]
-    for r in rows:
-        grad = f"{_fmt(r['grad_norm_mean'], '.3f')} ± {_fmt(r['grad_norm_std'], '.3f')}"
-        lines.append(
-            f"{r['seq_len']:>8,} {_fmt(r['val_ppl'], '.3f'):>10} {r['spikes']:>6} {r['nonfinite']:>10} "
-            f"{grad:>22} {r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / 2**30:>8.2f}"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["length", "final ppl", "spikes", "non-finite", "grad norm mean ± std", "tokens/s", "peak GB"]
+    cells = [
+        [f"{r['seq_len']:,}", _fmt(r["val_ppl"], ".3f"), r["spikes"], r["nonfinite"],
+         f"{_fmt(r['grad_norm_mean'], '.3f')} ± {_fmt(r['grad_norm_std'], '.3f')}", f"{r['tokens_per_s']:,.0f}",
+         f"{r['peak_bytes'] / 2**30:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return tables.text(header, cells, align="r" * len(header))
 
 
 def _write_results(out: Path, settings: dict, rows: list, started: float) -> str:
@@ -397,15 +358,15 @@ def _write_results(out: Path, settings: dict, rows: list, started: float) -> str
 
 
 def train(
-    model: dict, opts: TrainOptions, corpus_opts: CorpusOptions, out: Path, overwrite: bool = False,
+    model: BkModelConfig, opts: BkTrainConfig, corpus_opts: BkCorpusConfig, out: Path, overwrite: bool = False,
     progress: bool = True, log=_log, cache_dir=None,
 ) -> dict:  # fmt: skip
-    """Run (or continue) the curriculum. `model`: BKConfig fields but the vocabulary (the tokenizer's).
-    Returns results.json's content, with the summary table as "table"."""
+    """Run (or continue) the curriculum (the config's bk sections, validated by `config.merge`; the model's
+    vocabulary is the tokenizer's). Returns results.json's content, with the summary table as "table"."""
     started = time.perf_counter()
     out = Path(out)
-    check_options(opts)
-    settings = _settings(model, opts, corpus_opts)
+    corpus_opts = replace(corpus_opts, root=str(Path(corpus_opts.root or data.default_corpus()).resolve()))
+    settings = run_settings(model, opts, corpus_opts)
     done, verdict = check_out(out, settings, overwrite)
     partial = _partial(out, opts.seq_lens[len(done)]) if verdict == CONTINUE else None
     if done or partial:
@@ -418,7 +379,7 @@ def train(
             Path(corpus_opts.root), data.load_tokenizer(cache_dir), corpus_opts.val_share, corpus_opts.max_tokens, log
         )
     check_corpus(corpus, opts.seq_lens)
-    model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **model)
+    model_cfg = BKConfig(vocab_size=corpus.info["vocab_size"], **asdict(model))
     metrics = MetricsLog(out / "metrics.jsonl")
     if not (done or partial):
         run_dir(out).create(verdict)
@@ -452,7 +413,7 @@ def train(
             row = run.length(phase, metrics, partial if partial and partial["seq_len"] == phase.seq_len else None)
             run.rows.append(row)
             state = {"seq_len": phase.seq_len, "index": phase.index, "step": run.step, "attempts": run.attempts,
-                     "config": asdict(model_cfg), "row": row, "stability": run.stability.to_dict()}  # fmt: skip
+                     "config": asdict(model_cfg), "row": row, "stability": run.stability.to_json()}  # fmt: skip
             save_checkpoint(out, net, run.optimizer, state)
             Checkpoints(out).remove(PARTIAL)
             _write_results(out, settings, run.rows, started)

@@ -17,7 +17,7 @@ centres) and the same NLLs restricted to identifiers defined only in the truncat
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +26,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_ltc import atomic
+from mlx_ltc import atomic, tables
+from mlx_ltc.config import McEvalConfig, McTrainConfig
 from mlx_ltc.errors import Interrupted, UserError
 from mlx_ltc.runtime.checkpoints import Checkpoints
 from mlx_ltc.runtime.interrupt import StopRequest
@@ -41,31 +42,9 @@ from mlx_ltc.research.megacontext.train import train_gistnet
 from mlx_ltc.research.megacontext.tree import last_input, mean_gist
 from mlx_ltc.numerics.loss import token_nll
 
-__all__ = ["McOptions", "evaluate_run", "stream_focus", "train_run"]
+__all__ = ["evaluate_run", "run_settings", "stream_focus", "train_run"]
 
 PHASES = ("gist", "lens", "lora")
-
-
-@dataclass
-class McOptions:
-    model: str = "smollm2-135m"
-    split: str = "85/10/5"  # the dataset builder's train/val/test shares
-    cycles: int = 2
-    max_steps: int = 60  # updates per phase per cycle (GistNet, LensNet, LoRA)
-    lens_contexts: int = 6  # contexts labelled per cycle
-    lens_candidates: int = 12  # entries labelled per context
-    budget: int = 512  # working-context budget of the LensNet and LoRA phases
-    horizon: int = 64
-    blocks: int = 8  # GistNet windows: `blocks` blocks (all but `keep` gisted) + horizon
-    keep: int = 2
-    batch: int = 2
-    lr: float = 1e-3
-    contrast: float = 1.0
-    l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones (0: an L2 gist is its last L1 gist)
-    lora_rank: int = 4
-    lora_layers: int = 4
-    lora_lr: float = 2e-4
-    seed: int = 0
 
 
 def repo_files(repo: Path, model_name: str, split: str, progress: bool, log) -> tuple:
@@ -95,7 +74,7 @@ def _load_base(name: str):
     return loaded
 
 
-def _with_lora(model, opts: McOptions) -> None:
+def _with_lora(model, opts: McTrainConfig) -> None:
     from mlx_ltc.config import LoraConfig
     from mlx_ltc.train.lora import apply_lora
 
@@ -288,11 +267,17 @@ def run_dir(out: Path) -> RunDir:
     return RunDir(Path(out), "a MegaContext run", "state.json")
 
 
-def train_run(repo: Path, out: Path, opts: McOptions, overwrite=False, progress=True, log=print) -> dict:
+def run_settings(repo: Path, opts: McTrainConfig) -> dict:
+    """state.json's settings: the repository and the config's mc.train section, laid out as they always were,
+    so a rerun of a run written before compares equal."""
+    return {"repo": str(Path(repo).resolve()), **asdict(opts)}
+
+
+def train_run(repo: Path, out: Path, opts: McTrainConfig, overwrite=False, progress=True, log=print) -> dict:
     """Train (or continue after the last finished phase) and return state.json's content. The first Ctrl-C
     stops after the current update; the phase in progress starts again on the next run."""
     out = Path(out)
-    settings = {"repo": str(Path(repo).resolve()), **asdict(opts)}
+    settings = run_settings(repo, opts)
     state_path = out / "state.json"
     state = {"settings": settings, "done": [], "telemetry": []}
 
@@ -387,7 +372,7 @@ def load_run(out: Path, base_only: bool = False) -> tuple:
     try:
         settings = dict(state["settings"])
         settings.pop("repo")
-        opts = McOptions(**settings)
+        opts = McTrainConfig(**settings)
     except (KeyError, TypeError) as e:
         raise UserError(f"{out / 'state.json'}: not settings this version of mlx-ltc wrote ({e})") from None
     if not state["done"] or state["done"][-1] != f"cycle{opts.cycles}-lora":
@@ -427,8 +412,10 @@ def identifier_mask(f: dict, n_history: int, budget: int) -> np.ndarray:
 CONDITIONS = tuple(c for c in ev.CONDITIONS if c != "full")  # full is scored once per file, not per budget
 
 
-def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000, max_tokens: int = 6000,
-                 max_files: int = 0, base_only: bool = False, progress: bool = True, log=print) -> dict:  # fmt: skip
+def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=print) -> dict:
+    """`mc eval`: the config's mc.eval section (validated by `config.merge`) over a finished run."""
+    budgets, horizon, base_only = settings.budgets, settings.horizon, settings.base
+    min_tokens, max_tokens, max_files = settings.min_tokens, settings.max_tokens, settings.max_files
     model, gist_net, lens, opts, heldout, state = load_run(out, base_only)
     files = [f for f in heldout if min_tokens <= len(f["tokens"]) <= max_tokens]
     if max_files:
@@ -504,22 +491,23 @@ def evaluate_run(out: Path, budgets, horizon: int = 128, min_tokens: int = 3000,
 
 
 def table(result: dict) -> str:
-    lines = [f"{'budget':>6} {'condition':24} {'NLL':>7} {'95% CI':>17} {'files':>5}"]
-    for r in result["rows"] + result["identifier_rows"]:
-        lines.append(
-            f"{r['budget']:>6} {r['condition']:24} {r['nll']:7.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
-            f"{r['files']:>5}"
-        )
-    lines.append("")
+    rows = [
+        [r["budget"], r["condition"], f"{r['nll']:.4f}", f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", r["files"]]
+        for r in result["rows"] + result["identifier_rows"]
+    ]
+    gaps = []
     for g in result["gap_closed"]:
         key = "gap_closed" if "gap_closed" in g else "nll_diff"
-        lines.append(
-            f"W={g['budget']:>5} {g['condition']:20} {key} {g[key]:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
-        )
+        gaps.append([g["budget"], g["condition"], key, f"{g[key]:+.3f}", f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"])
+    focus = []
     for w, t in result["telemetry"]["per_budget"].items():
-        res = "n/a" if t["residency"] is None else f"{t['residency']:.1f}"
-        lines.append(
-            f"W={w:>5} focus loop: {t['swap_rate']:.3f} actions/block, residency {res} iterations, "
-            f"{t['ms_per_block']:.1f} ms/block"
-        )
-    return "\n".join(lines) + "\n"
+        residency = "n/a" if t["residency"] is None else f"{t['residency']:.1f}"
+        focus.append([w, f"{t['swap_rate']:.3f}", residency, f"{t['ms_per_block']:.1f}"])
+    return "\n".join(
+        [
+            tables.text(["budget", "condition", "NLL", "95% CI", "files"], rows, align="rlrrr"),
+            tables.text(["budget", "condition", "measure", "value", "95% CI"], gaps, align="rllrr"),
+            "focus loop:\n"
+            + tables.text(["budget", "actions/block", "residency (iterations)", "ms/block"], focus, align="rrrr"),
+        ]
+    )
