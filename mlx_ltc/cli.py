@@ -294,6 +294,40 @@ def profile_cmd(config_file, json_out, force, **settings):
     click.echo(profile.summary(result), nl=False)
 
 
+@cli.command("complete", short_help="Complete code of the repository with a run's model.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--file", "file", required=True, help="The file to complete: a path in the run's repository.")
+@click.option("--line", type=click.IntRange(min=1), default=None, help="Write this line (1-based) [default: append].")
+@click.option("--at", type=click.IntRange(min=0), default=None, help="Complete at this byte offset instead.")
+@_setting("--max-tokens", key="complete.max_tokens", type=click.IntRange(min=1), help="Tokens generated at most.")
+@_setting("--temp", key="complete.temp", type=click.FloatRange(min=0), help="Sampling temperature (0: greedy).")
+@_setting("--top-p", key="complete.top_p", type=click.FloatRange(min=0, max=1), help="Nucleus sampling (1: off).")
+@click.option(
+    "--repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The repository as it is now [default: the one the run trained on].",
+)
+@click.option("--base", is_flag=True, help="The base model, without the run's adapters.")
+@click.option("--json", "as_json", is_flag=True, help="Print the completion and its prompt's make-up as JSON.")
+@_config_option
+def complete_cmd(run_dir, file, line, at, repo, base, as_json, config_file, **settings):
+    """Continue a file of the run's repository at a point (--line N writes line N; --at a byte offset; the
+    end of the file by default) with the prompt training used: the repo header, the file's dependencies in
+    dependency order within the trained length, the file's text before the point (fill-in-the-middle with
+    the text after it when the tokenizer has FIM tokens). Prints the completion."""
+    import json
+
+    from mlx_ltc.use.complete import Session, position
+
+    sampling = _config(config_file).complete
+    session = Session(run_dir, repo, base=base, log=lambda m: click.echo(m, err=True))
+    path = session.path_of(file)
+    point = position(session.prompter.corpus.texts[path], line, at)
+    done = session.complete(path, point, sampling.max_tokens, sampling.temp, sampling.top_p)
+    click.echo(json.dumps(done.to_json(), indent=1) if as_json else done.text)
+
+
 @cli.command("compare", short_help="Check MLX against the PyTorch reference, step by step.")
 @_setting("--model", key="compare.model", help="Model to check (as for train).")
 @_setting("--steps", key="compare.steps", type=click.IntRange(min=1), help="Optimizer steps on both sides.")
@@ -696,6 +730,6 @@ def main():
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "bk", "mc"):
+    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "complete", "bk", "mc"):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

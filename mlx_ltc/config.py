@@ -182,6 +182,15 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class CompleteConfig:
+    """`mlx-ltc complete`: sampling as mlx-lm has it (temp 0: greedy)."""
+
+    max_tokens: int = 64  # tokens generated at most
+    temp: float = 0.0
+    top_p: float = 1.0  # 1: off
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """`mlx-ltc compare`: MLX against the torch reference (the MLX side's memory engine: the `memory` section)."""
 
@@ -303,6 +312,7 @@ class Config:
     # the other commands' options; `evaluate` is `mlx-ltc eval`'s, `eval` above is train's final report
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    complete: CompleteConfig = field(default_factory=CompleteConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     bk: BkSection = field(default_factory=BkSection)
     mc: McSection = field(default_factory=McSection)
@@ -354,6 +364,7 @@ _AT_LEAST = dict.fromkeys(_POSITIVE, 1) | {
     "evaluate.completion.per_file": 0, "evaluate.completion.resamples": 1,
     "compare.steps": 1, "compare.seq_len": 1, "compare.batch_size": 1,
     "profile.max_len": 1, "profile.granularity": 1, "profile.start": 1, "profile.batch_size": 1,
+    "complete.max_tokens": 1,
     "bk.model.d_model": 1, "bk.model.n_layers": 1, "bk.model.channels": 1, "bk.model.n_experts": 1,
     "bk.model.top_k": 1, "bk.model.expert_hidden": 1,
     "bk.train.steps_per_length": 1, "bk.train.tokens_per_step": 1, "bk.train.val_tokens": 1,
@@ -519,6 +530,9 @@ def _validate_commands(config: Config) -> None:
     """The checks of the other commands' sections that are more than a bound or a choice per key."""
     if not config.evaluate.splits:
         raise UserError("config: evaluate.splits must name val, test or both")
+    sampling = config.complete
+    if sampling.temp < 0 or not 0 < sampling.top_p <= 1:
+        raise UserError("config: complete.temp must be 0 or more and complete.top_p in (0, 1]")
     search = config.profile
     if search.max_len is not None and search.max_len < search.start:
         raise UserError(f"config: profile.max_len ({search.max_len}) must be at least profile.start ({search.start})")

@@ -296,7 +296,7 @@ def summary(report: TrainReport) -> str:
         f"{files['train']} train files\n"
         + (f"  run ended: {t.curriculum['stopped']}\n" + t.curriculum["tables"] if t.curriculum else "")
         + f"  adapters: {report.adapter_dir}\n"
-        f"  try: mlx_lm.generate --model {report.model_dir} --adapter-path {report.adapter_dir} --prompt '...'\n"
+        f"  try: mlx-ltc complete {Path(report.adapter_dir).parent} --file PATH --line N   (writes line N of a file)\n"
     )
 
 

@@ -153,11 +153,12 @@ def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
     return results.to_json()
 
 
-def _adapt(loaded, run_dir: Path) -> None:
-    from mlx_lm.tuner.utils import load_adapters
+def load_adapters(loaded, run_dir: Path) -> None:
+    """The run's adapters on the loaded base model (frozen); one error line when they can't be read."""
+    from mlx_lm.tuner import utils as tuner
 
     try:
-        load_adapters(loaded.model, str(run_dir / "adapters"))
+        tuner.load_adapters(loaded.model, str(run_dir / "adapters"))
     except (ValueError, OSError, RuntimeError) as e:
         raise UserError(f"cannot load {run_dir / 'adapters'}: {str(e).splitlines()[0]}") from None
     loaded.model.freeze()
@@ -189,7 +190,7 @@ def _complete(loaded, run_dir: Path, bench, opts: EvalOptions) -> Evaluation:
         results["base"] = completion.measure(
             loaded.model, loaded.tokenizer, bench, "base", c.max_tokens, progress=opts.progress
         )
-    _adapt(loaded, run_dir)
+    load_adapters(loaded, run_dir)
     results["adapted"] = completion.measure(
         loaded.model, loaded.tokenizer, bench, "adapted", c.max_tokens, progress=opts.progress
     )
@@ -231,7 +232,7 @@ def _measure(loaded, run_dir: Path, cfg, meta: dict, opts: EvalOptions) -> Evalu
     forgot = {}
     for name in ev.models:
         if name == "adapted":
-            _adapt(loaded, run_dir)
+            load_adapters(loaded, run_dir)
         forgot[name] = evaluate_model(loaded.model, name, splits, tokens, windows, lengths, opts, qa_set, sample, ev)
     if sample is not None:
         ev.forgetting = sample[1].scored(**forgot)

@@ -57,6 +57,11 @@ class Target:
     cut: int  # byte offset where the prompt's in-file part ends: the end of the last non-blank line before
     end: int  # byte offset of the newline that ends the target line (the FIM suffix starts there)
 
+    @classmethod
+    def at(cls, path: str, byte: int) -> "Target":
+        """A point to complete (`mlx-ltc complete`): the prompt ends there, a FIM suffix starts there."""
+        return cls(path, -1, "point", "", (), byte, byte)
+
 
 @dataclass
 class TargetSet:

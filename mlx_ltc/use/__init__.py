@@ -1,0 +1,1 @@
+"""Using a finished run: its model completes code of its repository (`complete`)."""

@@ -1,0 +1,100 @@
+"""Using a run: `mlx-ltc complete` builds the benchmark's prompt at a point of a file and continues it
+with mlx-lm's generation."""
+
+import json
+
+import pytest
+from conftest import run_cli, write_files
+from test_completion import DRAW, by_text, corpus, tokenizer  # noqa: F401 (fixtures)
+
+from mlx_ltc.errors import UserError
+from mlx_ltc.eval import targets as tg
+from mlx_ltc.use.complete import Session, position, prompt_at
+
+
+def test_the_point_of_a_line_an_offset_or_the_end():
+    text = "a\nbb\né\n"
+    assert [position(text, line=n) for n in (1, 2, 3, 4)] == [0, 1, 4, 7]  # the end of the line before
+    assert position(text) == len(text.encode()) and position(text, at=2) == 2
+    for kwargs, message in [
+        ({"line": 5}, r"--line 5 is outside the file \(lines 1 to 4\)"),
+        ({"at": 99}, r"--at 99 is outside the file \(0 to 8 bytes\)"),
+        ({"at": 6}, "inside a UTF-8 character"),
+        ({"line": 1, "at": 0}, "--line or --at, not both"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            position(text, **kwargs)
+    assert position("no newline", line=2) == len("no newline")  # a new line after the last
+
+
+def test_completing_a_line_gets_the_benchmarks_prompt_for_it(corpus):  # noqa: F811
+    prompter = tg.Prompter(corpus)
+    line = by_text(corpus, "pkg/draw.py")["total = shape.area() + 1"]
+    target = tg.Target("pkg/draw.py", line[0], tg.CROSS, line[1], line[2], line[3], line[4])
+    at = position(DRAW, line=line[0] + 1)  # --line is 1-based
+    assert at == target.cut
+    prompt, mode = prompt_at(prompter, "pkg/draw.py", at, 4096)
+    in_file = prompter.in_file(target, 4096)
+    expected = prompter.build(target, "cross_file", 4096, others=4096 - len(prompter.repo) - len(in_file))
+    assert mode == "cross_file" and prompt.tokens.tolist() == expected.tokens.tolist()
+    assert prompt.cross_file > 0  # pkg/shapes.py, which draw.py imports, is in it
+    small, _ = prompt_at(prompter, "pkg/draw.py", at, 64)
+    assert len(small.tokens) <= 64 and small.cross_file == 0
+    with pytest.raises(UserError, match="can't hold the headers"):
+        prompt_at(prompter, "pkg/draw.py", at, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("use")
+    files = {
+        f"pkg/mod{i}.py": f"from pkg import mod{(i + 1) % 6}\n\n"
+        + "".join(f"def func_{i}_{j}(value):\n    return value * {j} + {i}\n\n" for j in range(30))
+        for i in range(6)
+    }
+    repo = write_files(root / "repo", files)
+    run = root / "run"
+    proc = run_cli("train", "--repo", repo, "--out", run, "--model", "tiny-starcoder2", "--seq-len", "128",
+                   "--max-steps", "2", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return repo, run
+
+
+@pytest.mark.slow
+def test_complete_is_mlx_lms_greedy_generation_of_the_prompt(tiny_run, cache_dir):
+    from mlx_lm.generate import generate
+
+    repo, run = tiny_run
+    session = Session(run, cache_dir=cache_dir, log=lambda m: None)
+    path = session.path_of(repo / "pkg" / "mod2.py")  # a real path works as well as a repository one
+    at = position(session.prompter.corpus.texts[path], line=5)
+    done = session.complete(path, at, max_tokens=12)
+    prompt, _ = prompt_at(session.prompter, path, at, 128 - 12)
+    reference = generate(session.loaded.model, session.loaded.tokenizer, prompt.tokens.tolist(), max_tokens=12)
+    assert done.text == reference and (done.model, done.path, done.mode) == ("adapted", "pkg/mod2.py", "cross_file")
+    assert done.prompt_tokens == len(prompt.tokens) <= 116 and done.cross_file_tokens > 0 and done.tokens <= 12
+    assert session.complete(path, at, max_tokens=12).text == done.text  # greedy: the same again
+
+
+@pytest.mark.slow
+def test_complete_command_prints_json_and_bad_input_is_one_line(tiny_run, tmp_path):
+    repo, run = tiny_run
+    proc = run_cli("complete", run, "--file", "pkg/mod1.py", "--line", "4", "--max-tokens", "8", "--json", "--base")
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout)
+    assert (done["model"], done["path"], done["at"]) == (
+        "base",
+        "pkg/mod1.py",
+        len("from pkg import mod2\n\ndef func_1_0(value):"),
+    )
+    assert done["tokens"] <= 8 and done["stopped"] in ("end", "max_tokens")
+    for args, message in [
+        ((tmp_path / "nowhere", "--file", "a.py"), "run directory does not exist"),
+        ((run, "--file", "pkg/none.py"), "--file pkg/none.py: no such file in the repository"),
+        ((run, "--file", "pkg/mod1.py", "--line", "2", "--at", "3"), "give --line or --at, not both"),
+        ((run, "--file", "pkg/mod1.py", "--max-tokens", "100"), "--max-tokens 100 leaves 28 of the trained 128"),
+    ]:
+        proc = run_cli("complete", *args)
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+        assert message in errors[0]
