@@ -328,6 +328,20 @@ def complete_cmd(run_dir, file, line, at, repo, base, as_json, config_file, **se
     click.echo(json.dumps(done.to_json(), indent=1) if as_json else done.text)
 
 
+@cli.command("export", short_help="Fuse a run's adapters into a standalone model (and a GGUF).")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A new directory for the fused model.")
+@click.option("--gguf", is_flag=True, help="Also write a float16 GGUF (llama-family models: the embedded one).")
+@click.option("--dequantize", is_flag=True, help="Save the fused weights unquantized (--gguf implies it).")
+def export_cmd(run_dir, out, gguf, dequantize):
+    """Fuse the run's adapters into its base model with mlx-lm's fuse: a model directory that mlx_lm.generate,
+    mlx_lm.server and LM Studio load, and with --gguf a GGUF file that llama.cpp and Ollama load."""
+    from mlx_ltc.use.export import export
+
+    written = export(run_dir, out, gguf, dequantize, log=lambda m: click.echo(m, err=True))
+    click.echo(f"written: {out} ({', '.join(written)})")
+
+
 @cli.command("compare", short_help="Check MLX against the PyTorch reference, step by step.")
 @_setting("--model", key="compare.model", help="Model to check (as for train).")
 @_setting("--steps", key="compare.steps", type=click.IntRange(min=1), help="Optimizer steps on both sides.")

@@ -2,6 +2,9 @@
 with mlx-lm's generation."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_files
@@ -98,3 +101,45 @@ def test_complete_command_prints_json_and_bad_input_is_one_line(tiny_run, tmp_pa
         errors = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
         assert message in errors[0]
+
+
+@pytest.mark.slow
+def test_export_fuses_the_adapters_into_a_model_mlx_lm_loads(tiny_run, tmp_path, cache_dir):
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from mlx_ltc import models
+
+    _, run = tiny_run
+    proc = run_cli("export", run, "--out", tmp_path / "fused", "--dequantize")
+    assert proc.returncode == 0, proc.stderr
+    fused, _ = load(str(tmp_path / "fused"))
+    session = Session(run, cache_dir=cache_dir, log=lambda m: None)
+    tokens = mx.array(session.prompter.corpus.infos["pkg/mod1.py"].tokens[:64])[None]
+    adapted = session.loaded.model(tokens)
+    assert mx.abs(fused(tokens) - adapted).max().item() < 1e-2 * mx.abs(adapted).max().item()
+    base = models.load(models.resolve("tiny-starcoder2", cache_dir), "always")
+    assert mx.abs(base.model(tokens) - adapted).max().item() > 0  # the adapters are in the fused weights
+    generate = [str(Path(sys.executable).parent / "mlx_lm.generate"), "--model", str(tmp_path / "fused")]
+    proc = subprocess.run([*generate, "--prompt", "def", "--max-tokens", "4", "--ignore-chat-template"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", run, "--out", tmp_path / "gguf", "--gguf")
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
+    assert proc.returncode == 1 and errors == [
+        "Error: --gguf: mlx-lm converts llama, mistral, mixtral models to GGUF, not 'starcoder2' (tiny-starcoder2); "
+        "export without --gguf for the fused mlx-lm directory"
+    ]
+    assert not (tmp_path / "gguf").exists()
+    proc = run_cli("export", run, "--out", tmp_path / "fused")
+    assert proc.returncode == 1 and "exists and is not empty" in proc.stderr
+
+
+def test_gguf_export_is_refused_for_a_byte_level_tokenizer_that_mlx_lm_would_write_as_sentencepiece(
+    smollm2_dir, tmp_path
+):
+    from mlx_ltc.use.export import _byte_level
+
+    assert _byte_level(smollm2_dir)  # the embedded SmolLM2: GPT-2 style byte-level BPE
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Metaspace"}}))
+    assert not _byte_level(tmp_path)  # SentencePiece-style (llama's): what mlx-lm's GGUF writer records

@@ -1,1 +1,2 @@
-"""Using a finished run: its model completes code of its repository (`complete`)."""
+"""Using a finished run: its model completes code of its repository (`complete`); its adapters fused into a
+standalone model (`export`)."""
