@@ -744,6 +744,10 @@ def main():
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warning = hardware.ensure_fast_blas()
-    if warning and len(sys.argv) > 1 and sys.argv[1] in ("train", "profile", "compare", "eval", "complete", "bk", "mc"):
+    if (
+        warning
+        and len(sys.argv) > 1
+        and sys.argv[1] in ("train", "profile", "compare", "eval", "complete", "export", "bk", "mc")
+    ):
         click.echo(f"warning: {warning}", err=True)
     cli(prog_name="mlx-ltc")

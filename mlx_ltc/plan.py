@@ -88,6 +88,15 @@ class RunInfo(Record):
     def save(self, run_dir: Path) -> None:
         atomic.write_json(Path(run_dir) / INFO, self.to_json())
 
+    def base_model_dir(self, cfg: Config, cache_dir: Path) -> Path:
+        """The base model's directory: the one the run used, or the same model resolved again (the cache moved)."""
+        from mlx_ltc import models
+
+        path = Path(self.model_dir)
+        return (
+            path if path.is_dir() else models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+        )
+
     @classmethod
     def read(cls, run_dir: Path) -> "RunInfo":
         path = Path(run_dir) / INFO

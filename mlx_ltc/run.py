@@ -162,9 +162,7 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     if compute_with.name != "mlx":
         raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
-    model_dir = Path(info.model_dir)
-    if not model_dir.is_dir():
-        model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    model_dir = info.base_model_dir(cfg, cache_dir)
     loaded = compute_with.load(model_dir, cfg, _log)
     compute_with.prepare(loaded, cfg)
     return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps)

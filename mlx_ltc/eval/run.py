@@ -135,9 +135,7 @@ def run_eval(run_dir: Path, opts: EvalOptions, cache_dir=None) -> dict:
     if opts.stream_corpus is not None and not Path(opts.stream_corpus).is_dir():
         raise UserError(f"--stream-corpus {opts.stream_corpus}: not a directory")
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
-    model_dir = Path(info.model_dir)
-    if not model_dir.is_dir():
-        model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    model_dir = info.base_model_dir(cfg, cache_dir)
     if opts.completion is not None:
         bench = _benchmark(info, cfg, meta, opts.completion, cache_dir, model_dir)
     _log(f"model: loading {cfg.model.name}")

@@ -79,9 +79,7 @@ class Session:
         info = check_run(run_dir)
         self.cfg = config.build(None, info.config)
         cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
-        model_dir = Path(info.model_dir)
-        if not model_dir.is_dir():
-            model_dir = models.resolve(self.cfg.model.name, cache_dir, self.cfg.model.bits, self.cfg.model.group_size)
+        model_dir = info.base_model_dir(self.cfg, cache_dir)
         self.repo = Path(repo) if repo is not None else Path(info.repo)
         if not self.repo.is_dir():
             raise UserError(f"repository {self.repo} is gone: give the one the run trained on with --repo")

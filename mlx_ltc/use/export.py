@@ -30,9 +30,7 @@ def export(run_dir: Path, out: Path, gguf: bool = False, dequantize: bool = Fals
     run_dir, out = Path(run_dir), Path(out)
     info = check_run(run_dir)
     cfg = config.build(None, info.config)
-    model_dir = Path(info.model_dir)
-    if not model_dir.is_dir():
-        model_dir = models.resolve(cfg.model.name, models.default_cache_dir(), cfg.model.bits, cfg.model.group_size)
+    model_dir = info.base_model_dir(cfg, models.default_cache_dir())
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     if gguf and model_type not in GGUF_TYPES:
         raise UserError(
