@@ -294,6 +294,17 @@ def profile_cmd(config_file, json_out, force, **settings):
     click.echo(profile.summary(result), nl=False)
 
 
+def _session_options(f):
+    """--repo and --base: which repository the run's model completes, and with or without its adapters."""
+    f = click.option("--base", is_flag=True, help="The base model, without the run's adapters.")(f)
+    return click.option(
+        "--repo",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="The repository as it is now [default: the one the run trained on].",
+    )(f)
+
+
 @cli.command("complete", short_help="Complete code of the repository with a run's model.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--file", "file", required=True, help="The file to complete: a path in the run's repository.")
@@ -302,13 +313,7 @@ def profile_cmd(config_file, json_out, force, **settings):
 @_setting("--max-tokens", key="complete.max_tokens", type=click.IntRange(min=1), help="Tokens generated at most.")
 @_setting("--temp", key="complete.temp", type=click.FloatRange(min=0), help="Sampling temperature (0: greedy).")
 @_setting("--top-p", key="complete.top_p", type=click.FloatRange(min=0, max=1), help="Nucleus sampling (1: off).")
-@click.option(
-    "--repo",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="The repository as it is now [default: the one the run trained on].",
-)
-@click.option("--base", is_flag=True, help="The base model, without the run's adapters.")
+@_session_options
 @click.option("--json", "as_json", is_flag=True, help="Print the completion and its prompt's make-up as JSON.")
 @_config_option
 def complete_cmd(run_dir, file, line, at, repo, base, as_json, config_file, **settings):
@@ -326,6 +331,31 @@ def complete_cmd(run_dir, file, line, at, repo, base, as_json, config_file, **se
     point = position(session.prompter.corpus.texts[path], line, at)
     done = session.complete(path, point, sampling.max_tokens, sampling.temp, sampling.top_p)
     click.echo(json.dumps(done.to_json(), indent=1) if as_json else done.text)
+
+
+@cli.command("serve", short_help="Serve a run's model to editors over HTTP (OpenAI and llama.cpp APIs).")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_setting("--host", key="serve.host", help="Address to listen on (0.0.0.0: every interface).")
+@_setting("--port", key="serve.port", type=click.IntRange(min=0, max=65535), help="Port (0: any free one).")
+@_setting(
+    "--context",
+    key="serve.context",
+    type=click.IntRange(min=1),
+    help="Tokens of prompt and completion [default: the length the run trained at].",
+)
+@_setting("--max-tokens", key="serve.max_tokens", type=click.IntRange(min=1), help="A request's default max_tokens.")
+@_session_options
+@_config_option
+def serve_cmd(run_dir, repo, base, config_file, **settings):
+    """Serve the run's model until Ctrl-C or SIGTERM: POST /v1/completions (OpenAI; `suffix` for
+    fill-in-the-middle), POST /infill (llama.cpp, for llama.vim and llama.vscode), GET /v1/models and
+    /health. A request that names its file (`path` or `filename`), or whose text is one of the
+    repository's files, gets that file's dependencies from the repository's import graph in front of its
+    text, as in training. One request runs at a time; the next reuses the KV cache of what its prompt
+    shares with the last one."""
+    from mlx_ltc.use.serve import serve
+
+    serve(run_dir, repo, base, _config(config_file).serve, log=lambda m: click.echo(m, err=True))
 
 
 @cli.command("export", short_help="Fuse a run's adapters into a standalone model (and a GGUF).")

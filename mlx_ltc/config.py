@@ -191,6 +191,18 @@ class CompleteConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`mlx-ltc serve`: where it listens and what one request may ask for."""
+
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 lets the network in
+    port: int = 8080  # 0: any free port (printed)
+    context: int | None = None  # prompt + completion tokens [default: the length the run trained at]
+    max_tokens: int = 64  # a request's max_tokens when it gives none
+    max_body: int = 1_000_000  # bytes of a request body
+    queue: int = 8  # requests waiting for the model at most (more: 503)
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """`mlx-ltc compare`: MLX against the torch reference (the MLX side's memory engine: the `memory` section)."""
 
@@ -313,6 +325,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     complete: CompleteConfig = field(default_factory=CompleteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     bk: BkSection = field(default_factory=BkSection)
     mc: McSection = field(default_factory=McSection)
@@ -365,6 +378,7 @@ _AT_LEAST = dict.fromkeys(_POSITIVE, 1) | {
     "compare.steps": 1, "compare.seq_len": 1, "compare.batch_size": 1,
     "profile.max_len": 1, "profile.granularity": 1, "profile.start": 1, "profile.batch_size": 1,
     "complete.max_tokens": 1,
+    "serve.port": 0, "serve.context": 1, "serve.max_tokens": 1, "serve.max_body": 1024, "serve.queue": 1,
     "bk.model.d_model": 1, "bk.model.n_layers": 1, "bk.model.channels": 1, "bk.model.n_experts": 1,
     "bk.model.top_k": 1, "bk.model.expert_hidden": 1,
     "bk.train.steps_per_length": 1, "bk.train.tokens_per_step": 1, "bk.train.val_tokens": 1,
@@ -533,6 +547,8 @@ def _validate_commands(config: Config) -> None:
     sampling = config.complete
     if sampling.temp < 0 or not 0 < sampling.top_p <= 1:
         raise UserError("config: complete.temp must be 0 or more and complete.top_p in (0, 1]")
+    if config.serve.port > 65535:
+        raise UserError(f"config: serve.port must be a port number (0 to 65535), got {config.serve.port}")
     search = config.profile
     if search.max_len is not None and search.max_len < search.start:
         raise UserError(f"config: profile.max_len ({search.max_len}) must be at least profile.start ({search.start})")

@@ -286,6 +286,7 @@ def summary(report: TrainReport) -> str:
         lines.append(f"  {line}")
     lines += [f"  note: {n}" for n in report.notes or []]
     minutes, seconds = divmod(int(t.wall_s), 60)
+    run = Path(report.adapter_dir).parent
     return (
         f"fine-tuned {report.model} on {Path(report.repo).name}: {head}\n"
         + "".join(x + "\n" for x in lines)
@@ -294,7 +295,8 @@ def summary(report: TrainReport) -> str:
         f"{files['train']} train files\n"
         + (f"  run ended: {t.curriculum['stopped']}\n" + t.curriculum["tables"] if t.curriculum else "")
         + f"  adapters: {report.adapter_dir}\n"
-        f"  try: mlx-ltc complete {Path(report.adapter_dir).parent} --file PATH --line N   (writes line N of a file)\n"
+        f"  try: mlx-ltc complete {run} --file PATH --line N   (writes line N of a file)\n"
+        f"       mlx-ltc serve {run}   (completions for an editor: OpenAI /v1/completions, llama.cpp /infill)\n"
     )
 
 

@@ -66,6 +66,23 @@ def run_cli(*args, cwd=None, env=None):
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir):
+    """(repo, run): six files importing each other in a ring, and a 2-step run of the tiny model on them."""
+    root = tmp_path_factory.mktemp("use")
+    files = {
+        f"pkg/mod{i}.py": f"from pkg import mod{(i + 1) % 6}\n\n"
+        + "".join(f"def func_{i}_{j}(value):\n    return value * {j} + {i}\n\n" for j in range(30))
+        for i in range(6)
+    }
+    repo = write_files(root / "repo", files)
+    run = root / "run"
+    proc = run_cli("train", "--repo", repo, "--out", run, "--model", "tiny-starcoder2", "--seq-len", "128",
+                   "--max-steps", "2", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return repo, run
+
+
 # Module fixtures that train or load a model for a whole file: every test that uses one is slow, so the
 # fast tier (`pytest -m "not slow"`) never pays for their setup.
 SLOW_FIXTURES = {"tiny_run", "trained_run", "trained", "reference_run", "torch_model"}

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_files
+from conftest import run_cli
 from test_completion import DRAW, by_text, corpus, tokenizer  # noqa: F401 (fixtures)
 
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval import targets as tg
-from mlx_ltc.use.complete import Session, position, prompt_at
+from mlx_ltc.use.complete import Session, position
+from mlx_ltc.use.prompts import prompt_at
 
 
 def test_the_point_of_a_line_an_offset_or_the_end():
@@ -47,22 +48,6 @@ def test_completing_a_line_gets_the_benchmarks_prompt_for_it(corpus):  # noqa: F
         prompt_at(prompter, "pkg/draw.py", at, 8)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache_dir):
-    root = tmp_path_factory.mktemp("use")
-    files = {
-        f"pkg/mod{i}.py": f"from pkg import mod{(i + 1) % 6}\n\n"
-        + "".join(f"def func_{i}_{j}(value):\n    return value * {j} + {i}\n\n" for j in range(30))
-        for i in range(6)
-    }
-    repo = write_files(root / "repo", files)
-    run = root / "run"
-    proc = run_cli("train", "--repo", repo, "--out", run, "--model", "tiny-starcoder2", "--seq-len", "128",
-                   "--max-steps", "2", "--quiet")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return repo, run
-
-
 @pytest.mark.slow
 def test_complete_is_mlx_lms_greedy_generation_of_the_prompt(tiny_run, cache_dir):
     from mlx_lm.generate import generate
@@ -95,7 +80,7 @@ def test_complete_command_prints_json_and_bad_input_is_one_line(tiny_run, tmp_pa
         ((tmp_path / "nowhere", "--file", "a.py"), "run directory does not exist"),
         ((run, "--file", "pkg/none.py"), "--file pkg/none.py: no such file in the repository"),
         ((run, "--file", "pkg/mod1.py", "--line", "2", "--at", "3"), "give --line or --at, not both"),
-        ((run, "--file", "pkg/mod1.py", "--max-tokens", "100"), "--max-tokens 100 leaves 28 of the trained 128"),
+        ((run, "--file", "pkg/mod1.py", "--max-tokens", "100"), "--max-tokens 100 leaves 28 of the 128-token context"),
     ]:
         proc = run_cli("complete", *args)
         errors = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
@@ -133,13 +118,3 @@ def test_export_fuses_the_adapters_into_a_model_mlx_lm_loads(tiny_run, tmp_path,
     assert not (tmp_path / "gguf").exists()
     proc = run_cli("export", run, "--out", tmp_path / "fused")
     assert proc.returncode == 1 and "exists and is not empty" in proc.stderr
-
-
-def test_gguf_export_is_refused_for_a_byte_level_tokenizer_that_mlx_lm_would_write_as_sentencepiece(
-    smollm2_dir, tmp_path
-):
-    from mlx_ltc.use.export import _byte_level
-
-    assert _byte_level(smollm2_dir)  # the embedded SmolLM2: GPT-2 style byte-level BPE
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Metaspace"}}))
-    assert not _byte_level(tmp_path)  # SentencePiece-style (llama's): what mlx-lm's GGUF writer records

@@ -71,7 +71,7 @@ def scan(root, max_file_bytes: int = 1_000_000) -> RepoScan:
     if not paths:
         raise UserError(f"repo {root} is empty: no files to train on")
     for rel in sorted(paths):
-        reason = _path_problem(rel)
+        reason = path_problem(rel)
         if reason:  # such a name can't be written into a file header or the metadata as it is
             result.skipped.append((rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), reason))
             continue
@@ -135,7 +135,8 @@ def _walk_files(root: Path) -> list:
     return files
 
 
-def _path_problem(rel: str):
+def path_problem(rel: str):
+    """Why a file name can't be written into a file header or the metadata as it is, or None."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:

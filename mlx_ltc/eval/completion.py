@@ -128,7 +128,7 @@ def stop_ids(tokenizer) -> set:
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-def _shared(a: np.ndarray, b: np.ndarray) -> int:
+def shared(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the common prefix of two token arrays."""
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
@@ -147,7 +147,7 @@ def generate(model, tokenizer, prompts: list, max_tokens: int, progress=None, ta
     cache, held = make_prompt_cache(model), np.zeros(0, dtype=np.int32)
     out = []
     for prompt in prompts:
-        keep = min(_shared(held, prompt), len(prompt) - 1)  # generate_step needs at least one new token
+        keep = min(shared(held, prompt), len(prompt) - 1)  # generate_step needs at least one new token
         trim_prompt_cache(cache, cache[0].offset - keep)
         if tally is not None:
             tally.update(prefilled=len(prompt) - keep, reused=keep)

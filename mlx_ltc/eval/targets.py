@@ -18,7 +18,7 @@ token that merges the newline with the indentation, and the model then writes an
 """
 
 import builtins
-import functools
+import copy
 import keyword
 import math
 import re
@@ -207,11 +207,21 @@ class Prompter:
     boundary. FIM mode: in-file only, the prefix and up to a quarter of the room for the suffix."""
 
     def __init__(self, corpus):
-        self.corpus = corpus
+        self.corpus, self.texts = corpus, corpus.texts
         self.encode, self.markers = corpus.encode, corpus.markers
         self.repo = self._markup(self.markers.repo_header(corpus.scan.name))
         self.newline = np.asarray(self.encode(["\n"])[0], dtype=np.int32)
-        self._files = {}
+        self._files, self._dependencies = {}, {}
+
+    def with_buffer(self, path: str, text: str) -> "Prompter":
+        """This prompter with `path` holding `text` (an editor's unsaved buffer, or a file the repository
+        lacks): its own tokens and headers, the repository's dependencies (shared, so cheap to make)."""
+        if self.texts.get(path) == text:
+            return self
+        other = copy.copy(self)
+        other.texts = {**self.texts, path: text}
+        other._files = {p: f for p, f in self._files.items() if p != path}
+        return other
 
     def _markup(self, text: str) -> np.ndarray:
         return np.asarray(self.encode.markup([text])[0], dtype=np.int32)
@@ -219,8 +229,9 @@ class Prompter:
     def file(self, path: str) -> tuple:
         """(header tokens, content tokens, byte offset of each token, whether each token starts a line)."""
         if path not in self._files:
-            info, text = self.corpus.infos[path], self.corpus.texts[path]
-            tokens = np.asarray(info.tokens, dtype=np.int32)
+            text, info = self.texts[path], self.corpus.infos.get(path)
+            saved = info is not None and self.corpus.texts[path] == text
+            tokens = np.asarray(info.tokens if saved else self.encode([text])[0], dtype=np.int32)
             starts = self.encode.byte_starts(tokens, text)
             raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
             after_newline = np.concatenate([[True], raw == ord("\n")])  # [b]: byte b is the first of a line
@@ -234,7 +245,7 @@ class Prompter:
         k = int(np.searchsorted(starts, byte))
         if k == len(tokens) or starts[k] == byte:
             return tokens[:k]
-        text = self.corpus.texts[path].encode("utf-8")[:byte].decode("utf-8", "replace")
+        text = self.texts[path].encode("utf-8")[:byte].decode("utf-8", "replace")
         return np.asarray(self.encode([text])[0], dtype=np.int32)
 
     def _from(self, path: str, byte: int) -> np.ndarray:
@@ -242,7 +253,7 @@ class Prompter:
         k = int(np.searchsorted(starts, byte))
         if k == len(tokens) or starts[k] == byte:
             return tokens[k:]
-        text = self.corpus.texts[path].encode("utf-8")[byte:].decode("utf-8", "replace")
+        text = self.texts[path].encode("utf-8")[byte:].decode("utf-8", "replace")
         return np.asarray(self.encode([text])[0], dtype=np.int32)
 
     @staticmethod
@@ -282,9 +293,15 @@ class Prompter:
         cross = sum(len(d) for d in docs)
         return Prompt(np.concatenate([self.repo, *docs, in_file]).astype(np.int32), len(in_file) - len(header), cross)
 
-    @functools.cache  # noqa: B019 (one Prompter per benchmark)
     def dependencies(self, path: str, room: int) -> tuple:
         """Dependency documents (header + content) that fit `room` tokens, in dependency order."""
+        if (path, room) not in self._dependencies:
+            if len(self._dependencies) >= 4096:  # a server's prompts ask for ever new rooms: bound the memory
+                self._dependencies.clear()
+            self._dependencies[path, room] = self._fit_dependencies(path, room)
+        return self._dependencies[path, room]
+
+    def _fit_dependencies(self, path: str, room: int) -> tuple:
         chosen = []
         order = {p: i for i, p in enumerate(self.corpus.graph.order)}
         for dep in self.corpus.graph.dependencies(path):
