@@ -8,7 +8,7 @@ whitespace ends inside a token. While the user types on in a file, its prompt ke
 same dependencies, its text from the same line), so each prompt extends the last and the KV cache
 holds all of it but the new text."""
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -45,17 +45,26 @@ class LineIndex:
     MIN_CHARS, MAX_FILES, MIN_VOTES = 16, 3, 4
 
     def __init__(self, texts: dict):
-        where = defaultdict(set)
-        for path, text in texts.items():
-            for line in {x.strip() for x in text.splitlines()}:
-                if len(line) >= self.MIN_CHARS:
-                    where[line].add(path)
-        self.where = {line: paths for line, paths in where.items() if len(paths) <= self.MAX_FILES}
+        # each file's distinct lines as hashes, sorted: a large repository's lines as dict keys take 100s of MB
+        self.paths = list(texts)
+        keys, owners = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int32)]
+        for i, text in enumerate(texts.values()):
+            lines = {hash(x) for x in map(str.strip, text.splitlines()) if len(x) >= self.MIN_CHARS}
+            keys.append(np.fromiter(lines, dtype=np.int64, count=len(lines)))
+            owners.append(np.full(len(lines), i, dtype=np.int32))
+        keys, owners = np.concatenate(keys), np.concatenate(owners)
+        order = np.argsort(keys, kind="stable")
+        keys, owners = keys[order], owners[order]
+        _, counts = np.unique(keys, return_counts=True)
+        distinctive = np.repeat(counts <= self.MAX_FILES, counts)
+        self.keys, self.owners = keys[distinctive], owners[distinctive]
 
     def find(self, prefix: str, suffix: str) -> str | None:
         lines = [x.strip() for x in prefix.splitlines()[-64:] + suffix.splitlines()[:32]]
         lines = [x for x in lines if len(x) >= self.MIN_CHARS]
-        votes = Counter(path for line in lines for path in self.where.get(line, ()))
+        hashes = np.array([hash(x) for x in lines], dtype=np.int64)
+        lo, hi = np.searchsorted(self.keys, hashes, "left"), np.searchsorted(self.keys, hashes, "right")
+        votes = Counter(self.paths[o] for a, b in zip(lo, hi, strict=True) for o in self.owners[a:b])
         ranked = votes.most_common(2) + [(None, 0)] * 2
         (best, n), (_, second) = ranked[0], ranked[1]
         return best if n >= max(self.MIN_VOTES, len(lines) / 2) and n > second else None

@@ -13,6 +13,7 @@ dependencies from the import graph within the context, then the editor's text of
 is per thread) and serves the queue in order, keeping the KV cache of the last prompt for the next one
 that starts alike. The standard library's ThreadingHTTPServer reads requests, as mlx-lm's server does."""
 
+import gc
 import json
 import queue
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -167,51 +169,53 @@ class Job:
             self.out.put(("error", HTTPError(500, f"{type(e).__name__}: {e}")))
 
 
-class Engine(threading.Thread):
-    """The one thread that loads the model and generates, a request at a time, in arrival order."""
+class Engine:
+    """Loads the model and generates, a request at a time in arrival order, in the thread that calls
+    `run`: `serve`'s main thread, as MLX's streams belong to the thread that uses them (models used from
+    another thread made the process abort at exit, one time in five)."""
 
     def __init__(self, load, cfg: ServeConfig, log):
-        super().__init__(name="mlx-ltc-model", daemon=True)
         self.load, self.cfg, self.log = load, cfg, log
         self.jobs = queue.Queue(maxsize=cfg.queue)
         self.ready, self.stopping = threading.Event(), threading.Event()
-        self.session, self.context, self.failed = None, None, None
+        self.session, self.context = None, None
 
-    def run(self) -> None:
-        try:
-            self.session = self.load()
-            self.context = self.cfg.context or self.session.cfg.data.seq_len
-            window = getattr(getattr(self.session.loaded.model, "args", None), "max_position_embeddings", None)
-            if window and self.context > window:
-                raise UserError(f"--context {self.context} is more than the model's {window} positions")
-        except BaseException as e:  # noqa: BLE001 (handed to the main thread, which reports it)
-            self.failed = e
-            return
-        finally:
-            self.ready.set()
-        while (job := self.jobs.get()) is not None:
-            job.run(self.session, self.context, self.stopping)
+    def run(self, stop: threading.Event, on_ready=None) -> None:
+        """Load, then serve the queue until `stop` is set; the requests still waiting then get 503."""
+        self.session = self.load()
+        self.context = self.cfg.context or self.session.cfg.data.seq_len
+        window = getattr(getattr(self.session.loaded.model, "args", None), "max_position_embeddings", None)
+        if window and self.context > window:
+            raise UserError(f"--context {self.context} is more than the model's {window} positions")
+        self.ready.set()
+        if on_ready is not None:
+            on_ready()
+        while not stop.is_set():
+            try:
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            job.run(self.session, self.context, stop)
+        self.stopping.set()
+        while True:
+            try:
+                self.jobs.get_nowait().out.put(("error", HTTPError(503, "the server is shutting down")))
+            except queue.Empty:
+                break
+        self.session = None
+        gc.collect()
 
     def submit(self, request: Request) -> Job:
-        if self.failed is not None or not self.ready.is_set() or self.session is None:
-            raise HTTPError(503, "the model is loading; try again shortly")
         if self.stopping.is_set():
             raise HTTPError(503, "the server is shutting down")
+        if not self.ready.is_set():
+            raise HTTPError(503, "the model is loading; try again shortly")
         job = Job(request)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise HTTPError(503, f"{self.cfg.queue} requests are already waiting; try again shortly") from None
         return job
-
-    def stop(self) -> None:
-        self.stopping.set()
-        while True:
-            try:
-                self.jobs.get_nowait().out.put(("error", HTTPError(503, "the server is shutting down")))
-            except (queue.Empty, AttributeError):
-                break
-        self.jobs.put(None)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -243,12 +247,12 @@ class Handler(BaseHTTPRequestHandler):
         self.server.log(f"{self.command} {self.path} {status} {time.perf_counter() - started:.2f}s {note}".rstrip())
 
     def _get(self):
-        engine = self.server.engine
-        if self.path == "/health":
-            if engine.session is None:
+        engine, route = self.server.engine, urlsplit(self.path).path
+        if route == "/health":
+            if not engine.ready.is_set():
                 raise HTTPError(503, "the model is loading")
             self._json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
+        elif route == "/v1/models":
             model = {"id": self.server.model_id, "object": "model", "created": self.server.created,
                      "owned_by": "mlx-ltc"}  # fmt: skip
             self._json(200, {"object": "list", "data": [model]})
@@ -257,7 +261,7 @@ class Handler(BaseHTTPRequestHandler):
         return 200, ""
 
     def _post(self):
-        parse = {"/v1/completions": parse_completions, "/infill": parse_infill}.get(self.path)
+        parse = {"/v1/completions": parse_completions, "/infill": parse_infill}.get(urlsplit(self.path).path)
         if parse is None:
             self._drain_body()
             raise HTTPError(404, f"no route POST {self.path}: POST /v1/completions, /infill; GET /v1/models, /health")
@@ -408,6 +412,11 @@ class Server(ThreadingHTTPServer):
         return "cmpl-" + uuid.uuid5(uuid.NAMESPACE_OID, str(id(request))).hex[:24]
 
 
+def _describe(session) -> str:
+    return (f"{session.model_name} {session.cfg.model.name}, repository {session.repo} "
+            f"({len(session.prompter.corpus.infos)} files)")  # fmt: skip
+
+
 def serve(run_dir: Path, repo: Path | None, base: bool, cfg: ServeConfig, log) -> None:
     """Serve until SIGINT or SIGTERM; raises UserError when the run can't be served."""
     from mlx_ltc.use.complete import Session
@@ -421,27 +430,21 @@ def serve(run_dir: Path, repo: Path | None, base: bool, cfg: ServeConfig, log) -
         raise UserError(f"can't listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     stop = threading.Event()
+
+    def on_signal(*_):
+        if not engine.ready.is_set():
+            raise KeyboardInterrupt  # while loading: stop loading now
+        stop.set()  # while serving: the generation in progress ends at its next token
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    listener = threading.Thread(target=server.serve_forever, name="mlx-ltc-http", daemon=True)
-    listener.start()
+        signal.signal(sig, on_signal)
+    threading.Thread(target=server.serve_forever, name="mlx-ltc-http", daemon=True).start()
     log(f"serve: listening on http://{host}:{port} (503 until the model has loaded)")
-    engine.start()
+    ready = lambda: log(f"serve: ready: {server.model_id} ({_describe(engine.session)}), "  # noqa: E731
+                        f"context {engine.context} tokens; Ctrl-C or SIGTERM stops it")  # fmt: skip
     try:
-        while not engine.ready.wait(0.2) and not stop.is_set():
-            pass
-        if engine.failed is not None:
-            raise engine.failed
-        if not stop.is_set():
-            session = engine.session
-            log(f"serve: ready: {server.model_id} ({session.model_name} {session.cfg.model.name}), "
-                f"context {engine.context} tokens, repository {session.repo} "
-                f"({len(session.prompter.corpus.infos)} files); Ctrl-C or SIGTERM stops it")  # fmt: skip
-        while not stop.wait(0.2):
-            pass
+        engine.run(stop, on_ready=ready)
     finally:
         server.shutdown()
-        engine.stop()
-        engine.join(timeout=30 if engine.session is not None else 0)  # a generation ends at its next token
         server.server_close()
         log("serve: stopped")
