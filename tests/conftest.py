@@ -66,16 +66,20 @@ def run_cli(*args, cwd=None, env=None):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, cache_dir):
-    """(repo, run): six files importing each other in a ring, and a 2-step run of the tiny model on them."""
-    root = tmp_path_factory.mktemp("use")
-    files = {
+def ring_package() -> dict:
+    """Six modules importing each other in a ring, thirty small functions each: cross-file context for every file."""
+    return {
         f"pkg/mod{i}.py": f"from pkg import mod{(i + 1) % 6}\n\n"
         + "".join(f"def func_{i}_{j}(value):\n    return value * {j} + {i}\n\n" for j in range(30))
         for i in range(6)
     }
-    repo = write_files(root / "repo", files)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir):
+    """(repo, run): six files importing each other in a ring, and a 2-step run of the tiny model on them."""
+    root = tmp_path_factory.mktemp("use")
+    repo = write_files(root / "repo", ring_package())
     run = root / "run"
     proc = run_cli("train", "--repo", repo, "--out", run, "--model", "tiny-starcoder2", "--seq-len", "128",
                    "--max-steps", "2", "--quiet")  # fmt: skip

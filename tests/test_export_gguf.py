@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_files
+from conftest import ring_package, run_cli, write_files
 
 from mlx_ltc.use.export import BYTE_LEVEL_BPE, GGUF_NAME, SENTENCEPIECE, bpe_tokenizer_metadata, tokenizer_kind_of
 
@@ -69,12 +69,7 @@ def test_tokenizers_are_told_apart_as_the_gguf_export_records_them(smollm2_dir, 
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("gguf")
-    files = {
-        f"pkg/mod{i}.py": f"from pkg import mod{(i + 1) % 6}\n\n"
-        + "".join(f"def func_{i}_{j}(value):\n    return value * {j} + {i}\n\n" for j in range(30))
-        for i in range(6)
-    }
-    repo = write_files(root / "repo", files)
+    repo = write_files(root / "repo", ring_package())
     (root / "cfg.yaml").write_text("eval: {completion_targets: 0, forgetting_tokens: 0}\n")
     proc = run_cli("train", "--repo", repo, "--out", root / "run", "--model", "smollm2-135m", "--seq-len", "128",
                    "--max-steps", "2", "--config", root / "cfg.yaml", "--quiet")  # fmt: skip

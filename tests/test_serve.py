@@ -101,56 +101,56 @@ def test_an_editors_text_gets_the_prompt_training_built(session, tiny_run):
     p, path = session.prompter, "pkg/mod2.py"
     text = p.texts[path]
     at = text.index("\n\ndef func_2_9")  # the end of a line, as `complete --line` and the benchmark cut
-    saved = session.editor_prompt(path, text[:at], text[at:], [], 600)
+    saved = session.editor.prompt(path, text[:at], text[at:], [], 600)
     expected, mode = prompt_at(p, path, at, 600)
     assert saved.tokens.tolist() == expected.tokens.tolist() and (saved.path, saved.mode) == (path, mode)
     assert saved.cross_file_tokens > 0  # pkg/mod3.py, which mod2 imports
-    absolute = session.editor_prompt(str(repo / path), text[:at], text[at:], [], 600)
+    absolute = session.editor.prompt(str(repo / path), text[:at], text[at:], [], 600)
     assert absolute.tokens.tolist() == saved.tokens.tolist()
 
     typed = text[:at] + "\n\ndef func_2_9(value):\n    return"  # unsaved edits, further down
-    edited = session.editor_prompt(path, typed, text[at:], [], 600)
+    edited = session.editor.prompt(path, typed, text[at:], [], 600)
     assert edited.cross_file_tokens < saved.cross_file_tokens  # chosen again, with room to type on
     for more in (" value", " value * 9 + 2\n\ndef func_2_10(value):\n    return value * 10"):
-        further = session.editor_prompt(path, typed + more, text[at:], [], 600)
+        further = session.editor.prompt(path, typed + more, text[at:], [], 600)
         deps = len(p.repo) + edited.cross_file_tokens
         assert further.tokens[:deps].tolist() == edited.tokens[:deps].tolist()  # the cached prefix holds
         assert session.loaded.tokenizer.decode(further.tokens[-12:].tolist()).endswith(more[-12:])
 
     typed = text + "def func_2_30(value):"  # a file longer than the budget: its most recent lines
-    long = session.editor_prompt(path, typed, "", [], 160)
+    long = session.editor.prompt(path, typed, "", [], 160)
     assert 160 - 20 - 16 <= len(long.tokens) <= 160 - 20  # rebuilt at a line, an eighth left to type into
     for more in ("\n    return", "\n    return value * 30 + 2\n\ndef func_2_31(value):"):
-        further = session.editor_prompt(path, typed + more, "", [], 160)
+        further = session.editor.prompt(path, typed + more, "", [], 160)
         assert completion.shared(long.tokens, further.tokens) >= len(long.tokens) - 1 and len(further.tokens) <= 160
 
-    new = session.editor_prompt("pkg/new.py", "from pkg import mod2\n", "", [], 600)
+    new = session.editor.prompt("pkg/new.py", "from pkg import mod2\n", "", [], 600)
     assert new.cross_file_tokens == 0 and "<file_sep>pkg/new.py" in session.loaded.tokenizer.decode(new.tokens)
-    outside = session.editor_prompt("/elsewhere/x.py", "x = 1\n", "", [], 600)
-    bare = session.editor_prompt(None, "x = 1\n", "", [], 600)
+    outside = session.editor.prompt("/elsewhere/x.py", "x = 1\n", "", [], 600)
+    bare = session.editor.prompt(None, "x = 1\n", "", [], 600)
     assert bare.found is None
     assert outside.path is None and outside.tokens.tolist() == bare.tokens.tolist()
     for name, message in [("../up.py", "not a path inside"), ("a<file_sep>b.py", "control token <file_sep>"),
                           ("a\nb.py", "control character")]:  # fmt: skip
         with pytest.raises(UserError, match=message):
-            session.editor_prompt(name, "x", "", [], 600)
+            session.editor.prompt(name, "x", "", [], 600)
     with pytest.raises(UserError, match="control token"):
-        session.editor_prompt(None, "x", "", [("<repo_name>evil", "y")], 600)
+        session.editor.prompt(None, "x", "", [("<repo_name>evil", "y")], 600)
 
-    indented = session.editor_prompt(path, text[:at] + "\n\ndef g():\n    ", text[at:], [], 600)
-    plain = session.editor_prompt(path, text[:at] + "\n\ndef g():", "\n    " + text[at:], [], 600)
+    indented = session.editor.prompt(path, text[:at] + "\n\ndef g():\n    ", text[at:], [], 600)
+    plain = session.editor.prompt(path, text[:at] + "\n\ndef g():", "\n    " + text[at:], [], 600)
     assert indented.heal == "\n    " and plain.heal == "" and indented.tokens.tolist() == plain.tokens.tolist()
 
-    unnamed = session.editor_prompt(None, text[:at], text[at:], [], 600)
+    unnamed = session.editor.prompt(None, text[:at], text[at:], [], 600)
     assert (unnamed.path, unnamed.found) == (path, "text") and unnamed.cross_file_tokens > 0
-    alone = session.editor_prompt(None, text[:at], text[at:], [], 600, repo_context=False)
+    alone = session.editor.prompt(None, text[:at], text[at:], [], 600, repo_context=False)
     assert (alone.path, alone.found, alone.cross_file_tokens) == (None, None, 0)
     assert (
-        alone.tokens.tolist() == session.editor_prompt(path, text[:at], "", [], 600, repo_context=False).tokens.tolist()
+        alone.tokens.tolist() == session.editor.prompt(path, text[:at], "", [], 600, repo_context=False).tokens.tolist()
     )
 
     extra = [("notes/a.py", "A = 1\n"), ("notes/big.py", "B = 2\n" * 400)]
-    chunked = session.editor_prompt(None, "x = 1\n", "", extra, 600)
+    chunked = session.editor.prompt(None, "x = 1\n", "", extra, 600)
     decoded = session.loaded.tokenizer.decode(chunked.tokens)
     assert "<file_sep>notes/a.py\nA = 1\n" in decoded and "notes/big.py" not in decoded  # what fits, ahead
     assert chunked.extra_tokens > 0 and len(chunked.tokens) == len(bare.tokens) + chunked.extra_tokens
@@ -160,7 +160,7 @@ def test_a_suffix_is_filled_in_the_middle_when_the_tokenizer_has_fim_tokens(sess
     path, p = "pkg/mod1.py", session.prompter
     text = p.texts[path]
     at = text.index("\n\ndef func_1_4")
-    plain = session.editor_prompt(path, text[:at], "SUFFIX_TEXT", [], 600)
+    plain = session.editor.prompt(path, text[:at], "SUFFIX_TEXT", [], 600)
     assert plain.mode == "cross_file" and "SUFFIX_TEXT" not in session.loaded.tokenizer.decode(plain.tokens)
     copy = dataclasses.replace(p.markers, fim=(7, 8, 9))  # stand-ins: neither model here has FIM tokens
     fim_prompter = type(p).__new__(type(p))
@@ -177,7 +177,7 @@ def test_a_suffix_is_filled_in_the_middle_when_the_tokenizer_has_fim_tokens(sess
 
 def test_generation_reuses_the_cache_of_a_prompt_that_starts_alike_and_stops_at_stop_strings(session):
     text = session.prompter.texts["pkg/mod0.py"]
-    tokens = session.editor_prompt("pkg/mod0.py", text[:200], "", [], 120).tokens
+    tokens = session.editor.prompt("pkg/mod0.py", text[:200], "", [], 120).tokens
 
     def run(tokens, **kwargs):
         steps, pieces = session.generate(tokens, 8, **kwargs), []
@@ -194,10 +194,9 @@ def test_generation_reuses_the_cache_of_a_prompt_that_starts_alike_and_stops_at_
     longer = np.concatenate([tokens, tokens[-3:]])
     _, extended = run(longer)
     assert extended.reused_tokens == len(tokens)  # everything the two prompts share
-    word = first.text.strip().split()[0] if first.text.strip() else None
-    if word:
-        _, stopped = run(tokens, stop=(word,))
-        assert stopped.finish == "stop" and word not in stopped.text and first.text.startswith(stopped.text)
+    word = first.text.split()[-1]  # greedy: the same text again, so it stops before its last word
+    _, stopped = run(tokens, stop=(word,))
+    assert stopped.finish == "stop" and word not in stopped.text and first.text.startswith(stopped.text)
 
 
 class Server:
@@ -416,7 +415,7 @@ def test_the_repository_is_read_again_when_it_changes(tiny_run, cache_dir, tmp_p
     copy = shutil.copytree(repo, tmp_path / "repo")
     session = Session(run, repo=copy, cache_dir=cache_dir, log=lambda m: None)
     decode = lambda p: session.loaded.tokenizer.decode(p.tokens.tolist())  # noqa: E731
-    before = session.editor_prompt("pkg/mod0.py", "from pkg import mod1\n", "", [], 600)
+    before = session.editor.prompt("pkg/mod0.py", "from pkg import mod1\n", "", [], 600)
     assert "<file_sep>pkg/mod1.py" in decode(before) and not session.refresh()  # nothing changed, none read
     (copy / "pkg" / "extra.py").write_text(
         "".join(f"def extra_{i}(value):\n    return value - {i}\n\n" for i in range(9))
@@ -424,6 +423,6 @@ def test_the_repository_is_read_again_when_it_changes(tiny_run, cache_dir, tmp_p
     (copy / "pkg" / "mod0.py").write_text("from pkg import extra\n" + (copy / "pkg" / "mod0.py").read_text())
     monkeypatch.setattr(complete, "RESCAN_S", 0.0)
     assert session.refresh()
-    after = session.editor_prompt("pkg/mod0.py", "from pkg import extra\n", "", [], 600)
+    after = session.editor.prompt("pkg/mod0.py", "from pkg import extra\n", "", [], 600)
     assert "<file_sep>pkg/extra.py" in decode(after)
     assert not session.refresh()

@@ -209,7 +209,7 @@ class Prompter:
     def __init__(self, corpus):
         self.corpus, self.texts = corpus, corpus.texts
         self.encode, self.markers = corpus.encode, corpus.markers
-        self.repo = self._markup(self.markers.repo_header(corpus.scan.name))
+        self.repo = self.markup(self.markers.repo_header(corpus.scan.name))
         self.newline = np.asarray(self.encode(["\n"])[0], dtype=np.int32)
         self._files, self._dependencies = {}, {}
 
@@ -223,7 +223,7 @@ class Prompter:
         other._files = {p: f for p, f in self._files.items() if p != path}
         return other
 
-    def _markup(self, text: str) -> np.ndarray:
+    def markup(self, text: str) -> np.ndarray:
         return np.asarray(self.encode.markup([text])[0], dtype=np.int32)
 
     def file(self, path: str) -> tuple:
@@ -236,10 +236,10 @@ class Prompter:
             raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
             after_newline = np.concatenate([[True], raw == ord("\n")])  # [b]: byte b is the first of a line
             line_start = after_newline[starts] | (raw[starts] == ord("\n"))  # tokens that begin a line
-            self._files[path] = (self._markup(self.markers.file_header(path)), tokens, starts, line_start)
+            self._files[path] = (self.markup(self.markers.file_header(path)), tokens, starts, line_start)
         return self._files[path]
 
-    def _upto(self, path: str, byte: int) -> np.ndarray:
+    def upto(self, path: str, byte: int) -> np.ndarray:
         """The file's tokens before byte offset `byte` (a token boundary, else the prefix re-encoded)."""
         _, tokens, starts, _ = self.file(path)
         k = int(np.searchsorted(starts, byte))
@@ -272,7 +272,7 @@ class Prompter:
         room = budget - len(self.repo) - len(header)
         if room < 1:
             return None
-        return np.concatenate([header, self._tail(self._upto(target.path, target.cut), line_start, room)])
+        return np.concatenate([header, self._tail(self.upto(target.path, target.cut), line_start, room)])
 
     def build(self, target: Target, mode: str, budget: int, others: int = 0) -> Prompt | None:
         """The prompt for one target; `others`: tokens the cross-file part may take (cross_file mode)."""
@@ -282,7 +282,7 @@ class Prompter:
             if room < 1:
                 return None
             suffix = self._from(target.path, target.end)[: room // 4]
-            prefix = self._tail(self._upto(target.path, target.cut), line_start, room - len(suffix))
+            prefix = self._tail(self.upto(target.path, target.cut), line_start, room - len(suffix))
             pre, suf, mid = (np.array([t], dtype=np.int32) for t in self.markers.fim)
             body = np.concatenate([header, pre, prefix, suf, suffix, mid])
             return Prompt(np.concatenate([self.repo, body]), len(prefix) + len(suffix), 0)

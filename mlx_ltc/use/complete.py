@@ -146,10 +146,6 @@ class Session:
             )
         return budget
 
-    def editor_prompt(self, *args, **kwargs) -> prompts.EditorPrompt:
-        """`prompts.Editor.prompt` for the repository as last read."""
-        return self.editor.prompt(*args, **kwargs)
-
     def generate(self, tokens, max_tokens: int, temp=0.0, top_p=1.0, top_k=0, stop=(), seconds=None, heal=""):
         """Yield the completion's text piece by piece; the generator's return value is a Generated.
         `stop`: strings that end it (left out of the text); `seconds`: a time limit after the first token;

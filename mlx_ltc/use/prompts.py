@@ -133,7 +133,7 @@ class Editor:
         docs, room = [], budget - len(prompt.tokens)
         for name, text in extra:
             check_name(name, self.specials)
-            doc = np.concatenate([p._markup(p.markers.file_header(name)), p.encode([text])[0]]).astype(np.int32)
+            doc = np.concatenate([p.markup(p.markers.file_header(name)), p.encode([text])[0]]).astype(np.int32)
             if len(doc) <= room:
                 docs.append(doc)
                 room -= len(doc)
@@ -174,7 +174,7 @@ class Editor:
     @staticmethod
     def _before(prompter, path: str, at: int) -> tuple:
         """The file's tokens before byte `at` and the byte where each starts."""
-        tokens = prompter._upto(path, at)
+        tokens = prompter.upto(path, at)
         text = prompter.texts[path].encode("utf-8")[:at].decode("utf-8")
         return tokens, prompter.encode.byte_starts(tokens, text)
 

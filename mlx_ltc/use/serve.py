@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,6 +56,7 @@ class Request:
     stream: bool
     seconds: float | None  # generation time limit after the first token
     repo_context: bool  # false: the text alone, no file of the repository looked for
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # its answer's, every streamed event too
 
 
 def _get(body: dict, key: str, kind, default=None, check=None, why: str = ""):
@@ -149,7 +150,7 @@ class Job:
             if r.repo_context:
                 session.refresh()
             budget = session.budget(context, r.max_tokens, "max_tokens")
-            prompt = session.editor_prompt(r.file, r.prefix, r.suffix, list(r.extra), budget, r.repo_context)
+            prompt = session.editor.prompt(r.file, r.prefix, r.suffix, list(r.extra), budget, r.repo_context)
             steps = session.generate(
                 prompt.tokens, r.max_tokens, r.temp, r.top_p, r.top_k, r.stop, r.seconds, prompt.heal
             )
@@ -171,8 +172,8 @@ class Job:
 
 class Engine:
     """Loads the model and generates, a request at a time in arrival order, in the thread that calls
-    `run`: `serve`'s main thread, as MLX's streams belong to the thread that uses them (models used from
-    another thread made the process abort at exit, one time in five)."""
+    `run`: `serve`'s main thread, as MLX's streams belong to the thread that uses them (a model used
+    from another thread made the process abort at exit: "terminate called without an active exception")."""
 
     def __init__(self, load, cfg: ServeConfig, log):
         self.load, self.cfg, self.log = load, cfg, log
@@ -409,7 +410,7 @@ class Server(ThreadingHTTPServer):
 
     @staticmethod
     def _id(request: Request) -> str:
-        return "cmpl-" + uuid.uuid5(uuid.NAMESPACE_OID, str(id(request))).hex[:24]
+        return "cmpl-" + request.id
 
 
 def _describe(session) -> str:
