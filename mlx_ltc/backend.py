@@ -1,6 +1,6 @@
 """The seam between `train` and the array library that computes it, drawn where the torch reference
 really goes: `run.run_train` talks to a Backend only (load a model, say what its memory engine and
-curriculum can do, measure validation perplexity, add LoRA, train, save adapters). `mlx` is the
+curriculum can do, measure validation perplexity, add LoRA, switch it off, train, save adapters). `mlx` is the
 product; `torch` (mlx_ltc.reference.backend) is the independent reference, so the training pipeline
 can run, and its loss curves be compared, without MLX doing the numbers.
 
@@ -33,6 +33,10 @@ class Backend(Protocol):
     def perplexity(self, model, split, batch_size: int, desc: str, progress: bool): ...  # -> eval.Perplexity
 
     def apply_lora(self, model, cfg: Config) -> dict: ...  # -> mlx-lm adapter_config
+
+    # a context manager: inside it the adapted model computes the base model's numbers (every LoRA term
+    # off), so the base eval runs after training on the model that trained
+    def adapters_off(self, model): ...
 
     # -> TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints
     def train(self, model, split, val, cfg: Config, run_dir: Path, progress: bool, resume=False, max_steps=None): ...
@@ -70,6 +74,11 @@ class MLXBackend:
         from mlx_ltc.train.lora import apply_lora
 
         return apply_lora(model, cfg.lora, seed=cfg.train.seed)
+
+    def adapters_off(self, model):
+        from mlx_ltc.train.lora import adapters_off
+
+        return adapters_off(model)
 
     def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
         from mlx_ltc.train import phases

@@ -294,6 +294,65 @@ def profile_cmd(config_file, json_out, force, **settings):
     click.echo(profile.summary(result), nl=False)
 
 
+@cli.command("plan", short_help="Predict a training step's peak memory under each memory policy (no weights).")
+@_setting("--model", key="model.name", help="A model name, a model directory or a config.json.")
+@_setting(
+    "--memory-budget", key="profile.memory_budget", help="e.g. 5.3GB (an 8 GB Mac) [default: what this machine allows]."
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per sequence [default: data.seq_len, else 4096].",
+)
+@_setting("--batch-size", key="profile.batch_size", type=click.IntRange(min=1), help="Sequences per micro-batch.")
+@click.option(
+    "--backend",
+    "backend_name",
+    type=click.Choice(["cpu", "metal", "cuda"]),
+    default=None,
+    help="Plan for this MLX backend [default: this machine's].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Activation dtype [default: fp32 on cpu (weights dequantized), else the model's].",
+)
+@click.option(
+    "--bits",
+    type=click.IntRange(min=0, max=8),
+    default=None,
+    help="Weight bits, 0 = dequantized [default: 0 on cpu, else the model's quantization or model.bits].",
+)
+@_setting("--lora-rank", key="lora.rank", type=click.IntRange(min=1), help="LoRA rank [default: 8].")
+@_config_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the plan here.")
+def plan_cmd(seq_len, backend_name, dtype, bits, config_file, json_out, **settings):
+    """Predict the peak memory of one LoRA training step for every memory policy, the longest sequence each
+    fits in the budget, and the policy `memory.policy: auto` would train with. Reads config.json only."""
+    from mlx_ltc import atomic, models
+    from mlx_ltc.hardware import planner, profile
+
+    cfg = _config(config_file)
+    config_json, where = planner.model_config(cfg.model.name, models.default_cache_dir())
+    shape = planner.Shape.from_config(config_json, cfg.model.name)
+    here = profile.backend()
+    backend_name = backend_name or here
+    if cfg.profile.memory_budget:
+        budget = profile.parse_size(cfg.profile.memory_budget)
+    elif backend_name == here:
+        budget = profile.default_budget(profile.machine())
+    else:
+        raise UserError(f"--backend {backend_name} is not this machine's ({here}): give --memory-budget")
+    setup = planner.setup_from_config(config_json, cfg, backend_name, cfg.profile.batch_size, dtype, bits)
+    result = planner.plan(shape, setup, budget, seq_len or cfg.data.seq_len or 4096)
+    click.echo(f"config: {where}", err=True)
+    click.echo(planner.describe(result), nl=False)
+    if json_out:
+        atomic.write_json(json_out, result.to_json())
+
+
 def _session_options(f):
     """--repo and --base: which repository the run's model completes, and with or without its adapters."""
     f = click.option("--base", is_flag=True, help="The base model, without the run's adapters.")(f)
@@ -773,6 +832,10 @@ def main():
 
     # transformers is only our tokenizer library here; its advice (e.g. "PyTorch was not found") is noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    missing = hardware.missing_mlx_backend()
+    if missing:
+        click.echo(f"Error: {missing}", err=True)
+        sys.exit(1)
     warning = hardware.ensure_fast_blas()
     if (
         warning

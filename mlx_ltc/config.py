@@ -72,6 +72,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
+    policy: str = "auto"  # auto: the fastest policy that fits (hardware.planner) | a name in train.policies | custom
     attention: str = "efficient"  # efficient: O(L)-memory custom backward | stock: MLX's scaled_dot_product_attention
     loss: str = "chunked"  # chunked: never materialise L x V logits | full
     staged: bool = True  # layer-by-layer forward and backward with explicit evaluation boundaries
@@ -338,6 +339,7 @@ _CHOICES = {
     "model.dequantize": ("auto", "always", "never"),
     "model.bits": (2, 3, 4, 5, 6, 8),
     "model.group_size": (32, 64, 128),
+    "memory.policy": ("auto", "custom", "plain", "stock", "chunked", "efficient", "fused", "engine", "engine_sqrt"),
     "memory.attention": ("efficient", "stock"),
     "memory.loss": ("chunked", "full"),
     "data.split_by": ("file", "directory"),
@@ -498,8 +500,12 @@ def validate(config: Config) -> None:
         _check_bounds(key, value)
     if config.memory.layers_per_stage < 0 or config.memory.loss_chunk < 0:
         raise UserError("config: memory.layers_per_stage and memory.loss_chunk must be 0 (auto) or more")
-    if config.memory.staged and config.lora.dropout > 0:
-        raise UserError("config: lora.dropout > 0 needs memory.staged: false (recomputation must be deterministic)")
+    staged = {"custom": config.memory.staged, "engine": True, "engine_sqrt": True, "fused": True}
+    if staged.get(config.memory.policy, False) and config.lora.dropout > 0:  # auto leaves staged policies out
+        raise UserError(
+            "config: lora.dropout > 0 needs a memory policy that is not staged (recomputation must be "
+            "deterministic): memory.policy auto, plain, stock, chunked or efficient"
+        )
     if config.data.seq_len is not None and config.data.seq_len < 16:
         raise UserError(f"config: data.seq_len must be at least 16, got {config.data.seq_len}")
     d = config.data

@@ -18,6 +18,7 @@ from mlx_ltc import atomic, config
 from mlx_ltc.config import Config, MemoryConfig
 from mlx_ltc.errors import UserError
 from mlx_ltc.records import Record
+from mlx_ltc.train.policies import POLICIES
 
 if TYPE_CHECKING:
     from mlx_ltc.hardware.profile import Profile
@@ -47,6 +48,7 @@ class RunPlan:
     staged: Choice
     layers_per_stage: Choice
     config: Config  # every value above filled in; what the run executes
+    policy: Choice = Choice("custom", "config", "a plan from before memory policies")
 
     def describe(self) -> str:
         """A summary line, then each value with where it came from."""
@@ -58,6 +60,7 @@ class RunPlan:
             f"LoRA rank {self.lora_rank.value}, {phases}"
         )
         rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "config"]
+        rows = rows[-1:] + rows[:-1]  # the memory policy first: it decides the four below it
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {c.value!s:<9} {c.source}" + (f": {c.why}" if c.why else "") for name, c in rows]
         return head + "\n" + "\n".join(lines)
@@ -117,30 +120,73 @@ def load(run_dir: Path) -> RunPlan | None:
         raise UserError(f"{path} is not a readable plan ({e})") from None
 
 
+_PARTS = ("attention", "loss", "staged", "layers_per_stage")
+
+
 def memory_policy(cfg: Config, given: dict, backend, loaded) -> dict:
-    """attention, loss and staged as Choices: the config's, unless the backend or model can't run them."""
+    """policy, attention, loss and staged as Choices. A policy named in the config, or `custom` when the user
+    set a part of the engine themselves (those settings win over `auto`); `auto` is settled by `resolve`
+    once the length and micro-batch are known. The backend or the model may rule the engine out."""
     m = cfg.memory
     unsaid = {
         k: "default" if getattr(m, k) == getattr(MemoryConfig(), k) else "config"
-        for k in ("attention", "loss", "staged")
+        for k in ("policy", "attention", "loss", "staged")
     }
     choices = {k: Choice(getattr(m, k), given.get(f"memory.{k}", unsaid[k])) for k in unsaid}
+    set_parts = [k for k in _PARTS if given.get(f"memory.{k}") in ("flag", "file")]
+    if m.policy == "auto" and set_parts:
+        choices["policy"] = Choice("custom", given[f"memory.{set_parts[0]}"], f"memory.{set_parts[0]} is set")
+    elif m.policy not in ("auto", "custom"):
+        p = POLICIES[m.policy]
+        choices |= {k: Choice(getattr(p, k), choices["policy"].source, f"policy {p.name}") for k in _PARTS[:3]}
     if not backend.memory_engine:
         why = f"the {backend.name} backend has no memory engine"
         return {
+            "policy": Choice("plain", "backend", why),
             "attention": Choice("stock", "backend", why),
             "loss": Choice("full", "backend", why),
             "staged": Choice(False, "backend", why),
         }
-    if not backend.engine_supports(loaded) and (m.attention == "efficient" or m.staged):
+    if not backend.engine_supports(loaded) and (choices["attention"].value == "efficient" or choices["staged"].value):
         why = f"the memory engine does not support {loaded.config.get('model_type')!r} models"
-        choices["attention"] = Choice("stock", "backend", why)
-        choices["staged"] = Choice(False, "backend", why)
+        if choices["policy"].value == "auto":
+            choices["policy"] = Choice("auto", choices["policy"].source, why)
+        else:
+            choices["attention"] = Choice("stock", "backend", why)
+            choices["staged"] = Choice(False, "backend", why)
     return choices
 
 
 def effective_memory(cfg: Config, policy: dict) -> MemoryConfig:
-    return dataclasses.replace(cfg.memory, **{k: c.value for k, c in policy.items()})
+    """The memory settings a profile is looked up with (auto: the engine's settings as configured)."""
+    parts = {k: c.value for k, c in policy.items() if k in _PARTS}
+    return dataclasses.replace(cfg.memory, **parts)
+
+
+def auto_policy(cfg: Config, policy: dict, backend, loaded, seq_len: int, batch: int, profile) -> tuple:
+    """(policy name, why): the fastest policy the planner says fits the memory budget at this length and batch."""
+    from mlx_ltc.hardware import planner, profile as hw
+
+    engine_ok = "memory engine does not support" not in policy["policy"].why
+    candidates = [n for n, p in POLICIES.items() if engine_ok or (p.attention == "stock" and not p.staged)]
+    if cfg.lora.dropout > 0:  # recomputation must be deterministic
+        candidates = [n for n in candidates if not POLICIES[n].staged]
+    try:
+        shape = planner.Shape.from_config(getattr(loaded, "config", None) or {}, cfg.model.name)
+    except UserError as e:
+        fallback = "engine" if "engine" in candidates else candidates[-1]
+        return fallback, f"{fallback}: {e}"
+    budget = profile.memory_budget if profile else hw.default_budget(hw.machine())
+    where = "the memory profile's budget" if profile else "what this machine can give MLX"
+    setup = planner.setup_for(loaded, cfg, batch, hw.backend())
+    try:
+        result = planner.plan(shape, setup, budget, seq_len, policies=candidates, where=where)
+    except UserError as e:  # the weights alone exceed the budget: train as frugally as possible, and say so
+        return candidates[-1], f"{candidates[-1]}, the most frugal: {e}"
+    if result.auto is None:
+        fallback = candidates[-1]
+        return fallback, f"{fallback}, the most frugal: {result.why}"
+    return result.auto, result.why
 
 
 def _derived(constants: dict, name: str) -> Choice:
@@ -158,7 +204,9 @@ def check(cfg: Config, backend) -> None:
         )
 
 
-def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: "Profile | None") -> RunPlan:
+def resolve(
+    cfg: Config, given: dict, backend, policy: dict, constants: dict, profile: "Profile | None", loaded=None
+) -> RunPlan:
     """The frozen plan. `given` maps "section.key" to "flag" or "file" for the values the user set;
     `policy` is `memory_policy`'s; `constants` the analysis' derived constants (computed at the given
     sequence length when there is one); `profile` the cached memory profile or None."""
@@ -198,12 +246,29 @@ def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, pr
         value = max(1, min(8, profile.max_seq_len * profile.batch_size // seq_len.value))
         batch = Choice(value, "profile", budget)
 
+    chosen = policy["policy"]
+    if chosen.value == "auto":
+        name, why = auto_policy(cfg, policy, backend, loaded, seq_len.value, batch.value, profile)
+        p = POLICIES[name]
+        chosen = Choice(name, "derived", why)
+        ruled_out = "memory engine does not support" in policy["policy"].why
+        source, because = ("backend", policy["policy"].why) if ruled_out else ("derived", f"policy {name}")
+        policy = policy | {k: Choice(getattr(p, k), source, because) for k in _PARTS[:3]}
+    if policy["staged"].value and cfg.lora.dropout > 0:
+        raise UserError("lora.dropout > 0 needs memory.staged: false (recomputation must be deterministic)")
+    grad_checkpoint = cfg.train.grad_checkpoint
+    if chosen.value in POLICIES:
+        grad_checkpoint = POLICIES[chosen.value].checkpoint
+
     layers = user("memory.layers_per_stage")
     if not policy["staged"].value:
         layers = Choice(0, layers.source, "not staged")
     elif not layers.value:
         if profile is not None and seq_len.value * batch.value >= profile.max_seq_len:
             layers = Choice(profile.layers_per_stage, "profile", budget)
+        elif chosen.value in POLICIES:
+            p = POLICIES[chosen.value]
+            layers = Choice(p.layers_per_stage(_layers(loaded)), "derived", f"policy {p.name}")
         else:
             layers = Choice(1, "default", "every layer's input kept")
 
@@ -211,11 +276,17 @@ def resolve(cfg: Config, given: dict, backend, policy: dict, constants: dict, pr
         cfg,
         {
             "data": {"seq_len": seq_len.value},
-            "train": {"batch_size": batch.value},
+            "train": {"batch_size": batch.value, "grad_checkpoint": grad_checkpoint},
             "lora": {"rank": rank.value},
             "curriculum": {"phases": phases.value},
-            "memory": {k: c.value for k, c in policy.items()} | {"layers_per_stage": layers.value},
+            "memory": {k: c.value for k, c in policy.items() if k != "policy"}
+            | {"policy": chosen.value, "layers_per_stage": layers.value},
         },
     )
     return RunPlan(backend_choice, seq_len, batch, rank, phases, policy["attention"], policy["loss"],
-                   policy["staged"], layers, resolved)  # fmt: skip
+                   policy["staged"], layers, resolved, chosen)  # fmt: skip
+
+
+def _layers(loaded) -> int:
+    config = getattr(loaded, "config", {}) or {}
+    return int(config.get("num_hidden_layers") or len(getattr(getattr(loaded, "model", None), "layers", [None])))

@@ -1,4 +1,4 @@
-"""`mlx-ltc train`: repo -> dataset -> base eval -> LoRA training -> adapted eval -> report.
+"""`mlx-ltc train`: repo -> dataset -> LoRA training -> base eval (adapters off) -> adapted eval -> report.
 
 The run directory is written as it goes; `COMPLETE` is written last, so a directory without it is
 never mistaken for a finished run.
@@ -110,7 +110,7 @@ def run_train(
     profile = cached_profile(cfg.model.name, memory, cache_dir) if compute_with.name == "mlx" else None
     corpus = data.Corpus.cached(scan, loaded.tokenizer, cfg.data, cache_dir, log=_log, progress=progress)
     analysis = corpus.analysis(profile)
-    run_plan = plan.resolve(cfg, given, compute_with, policy, analysis.constants, profile)
+    run_plan = plan.resolve(cfg, given, compute_with, policy, analysis.constants, profile, loaded)
     _log(run_plan.describe())
     cfg = run_plan.config
     compute_with.prepare(loaded, cfg)
@@ -134,12 +134,6 @@ def run_train(
     staging.rename(out / "data")
     run_plan.save(out)
     plan.RunInfo(cfg.to_dict(), str(model_dir), str(scan.root), compute, __version__, sys.argv).save(out)
-
-    _log("eval: base model")
-    val_split = data.load_split(out / "data", "val")
-    base = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval base", progress)
-    _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
-    atomic.write_json(out / BASE_EVAL, asdict(base))
     return _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir)
 
 
@@ -153,7 +147,7 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
         raise UserError(f"--resume {run_dir}: not an mlx-ltc run directory (no config.json)")
     if (run_dir / COMPLETE).exists():
         raise UserError(f"--resume {run_dir}: the run is already complete")
-    if not (run_dir / BASE_EVAL).is_file() or not (run_dir / "checkpoints").is_dir():
+    if not _training_began(run_dir):  # its base eval comes after training: a stopped run has none yet
         raise UserError(f"--resume {run_dir}: the run stopped before training began; start it again")
     info = plan.RunInfo.read(run_dir)
     run_plan = plan.load(run_dir)  # runs from before plans: config.json holds the resolved config
@@ -168,12 +162,33 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps)
 
 
+def _training_began(run_dir: Path) -> bool:
+    """Training writes a checkpoint before its first step (`Trainer.start`); unfinished ones are hidden."""
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in ckpts.iterdir())
+
+
+def base_eval(compute_with, model, val_split, cfg, out: Path, progress: bool, resume=False):
+    """The base model's validation perplexity, measured after training with the adapters switched off:
+    the numbers of the model before LoRA, without a pass over the whole validation split before the first
+    training step. Written to BASE_EVAL, which a resumed run reads if the run got that far (or measured
+    it before training, as runs did before this order)."""
+    path = out / BASE_EVAL
+    if resume and path.is_file():
+        return Perplexity.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+    _log("eval: base model (adapters off)")
+    with compute_with.adapters_off(model):
+        base = compute_with.perplexity(model, val_split, cfg.train.eval_batch_size, "eval base", progress)
+    _log(f"eval: base val loss {base.loss:.4f}, ppl {base.ppl:.3f}")
+    atomic.write_json(path, asdict(base))
+    return base
+
+
 def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir, resume=False, max_steps=None):
     info = plan.RunInfo.read(out)
     meta = data.load_metadata(out / "data")
     if meta.tokenizer_hash != data.tokenizer_hash(loaded.tokenizer):
         raise UserError(f"{out / 'data'} was built with another tokenizer than {cfg.model.name}'s")
-    base = json.loads((out / BASE_EVAL).read_text(encoding="utf-8"))
     train_split, val_split = data.load_split(out / "data", "train"), data.load_split(out / "data", "val")
     adapter_config = compute_with.apply_lora(loaded.model, cfg)
     adapter_config.update(
@@ -186,6 +201,7 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_d
     )
     result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps)
     compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
+    base = base_eval(compute_with, loaded.model, val_split, cfg, out, progress, resume)
     adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)
     if compute_with.name == "mlx":
         beyond = final_measures(cfg, loaded, out, meta, Path(info.repo), cache_dir, progress)
@@ -207,7 +223,7 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_d
             files={k: len(v) for k, v in meta.files_by_split.items()},
             mix=meta.mix,
         ),
-        base=ValNumbers.of(Perplexity.from_json(base, str(out / BASE_EVAL))),
+        base=ValNumbers.of(base),
         adapted=ValNumbers.of(adapted),
         train=result,
         **beyond,

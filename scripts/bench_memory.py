@@ -42,16 +42,17 @@ SHAPES = {  # random weights at a real model's shape: enough for memory and spee
 }  # fmt: skip
 
 
-def _shape_model(name: str, layers: int | None):
-    """A 4-bit (group 64) bf16 model of the named shape, built layer by layer in memory."""
+def _shape_model(name: str, layers: int | None, dtype: str = "bf16", bits: int = 4):
+    """A model of the named shape in bf16 or fp32, 4-bit (group 64) or not (bits 0), built layer by layer."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models import starcoder2
 
     config = dict(SHAPES[name], num_hidden_layers=layers or SHAPES[name]["num_hidden_layers"])
     model = starcoder2.Model(starcoder2.ModelArgs(**config))
-    model.set_dtype(mx.bfloat16)
-    nn.quantize(model, group_size=64, bits=4)
+    model.set_dtype(mx.bfloat16 if dtype == "bf16" else mx.float32)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
     for module in [model.model.embed_tokens, model.model.norm, *model.layers]:
         mx.eval(module.parameters())
     return model
@@ -68,14 +69,18 @@ def child(args) -> dict:
     from mlx_ltc.train.lora import apply_lora
     from mlx_ltc.config import LoraConfig, MemoryConfig
     from mlx_ltc.train import engine
+    from mlx_ltc.train.policies import POLICIES
+    from mlx_ltc.train.update import enable_grad_checkpoint
 
     if args.host_limit:
         resource.setrlimit(resource.RLIMIT_DATA, (args.host_limit, args.host_limit))
     if args.model.startswith("shape:"):
-        model, tokenizer = _shape_model(args.model.split(":", 1)[1], args.layers), None
+        model, tokenizer = _shape_model(args.model.split(":", 1)[1], args.layers, args.dtype or "bf16", args.bits), None
     else:
         loaded = models.load(models.resolve(args.model, models.default_cache_dir()))
         model, tokenizer = loaded.model, loaded.tokenizer
+        if args.dtype == "bf16":  # the loaded (dequantized) weights cast: bf16 activations
+            model.set_dtype(mx.bfloat16)
     apply_lora(model, LoraConfig(rank=args.rank), seed=0)
     # non-zero B so that every LoRA gradient (not only dB) is compared
     mx.random.seed(1)
@@ -83,11 +88,11 @@ def child(args) -> dict:
     flat = [(k, mx.random.normal(v.shape) * 0.01 if k.endswith("lora_b") else v) for k, v in flat]
     model.update(tree_unflatten(flat))
     mx.eval(model.parameters())
-    L = args.length
+    L, B = args.length, args.batch
     if tokenizer is None:
-        stream = np.random.default_rng(0).integers(0, model.args.vocab_size, args.steps * (L + 1), dtype=np.int32)
+        stream = np.random.default_rng(0).integers(0, model.args.vocab_size, args.steps * B * (L + 1), dtype=np.int32)
     else:
-        stream = _text_tokens(tokenizer, args.steps * (L + 1))
+        stream = _text_tokens(tokenizer, args.steps * B * (L + 1))
 
     if args.impl == "stock":
         from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
@@ -96,22 +101,35 @@ def child(args) -> dict:
         value_and_grad = nn.value_and_grad(model, default_loss)
 
         def step(tokens):
-            (loss, n), grads = value_and_grad(model, tokens, mx.array([[0, L]]))
+            (loss, n), grads = value_and_grad(model, tokens, mx.array([[0, L]] * B))
             return loss, grads
-    else:
-        value_and_grad = engine.loss_and_grad(model, MemoryConfig())
+    else:  # "ours" is the default engine; any other name one of train.policies
+        policy = POLICIES["engine" if args.impl == "ours" else args.impl]
+        if policy.checkpoint:
+            enable_grad_checkpoint(model)
+        value_and_grad = engine.loss_and_grad(model, policy.memory(MemoryConfig(), len(model.layers)))
 
         def step(tokens):
-            (total, n), grads = value_and_grad(model, tokens, mx.array([L + 1]))
+            (total, n), grads = value_and_grad(model, tokens, mx.array([L + 1] * B))
             return total / n, tree_unflatten([(k, g / n) for k, g in tree_flatten(grads)])  # mean, as stock
 
     optimizer = optim.AdamW(learning_rate=1e-5)
     mx.clear_cache()
+    weights = mx.get_active_memory()
     mx.reset_peak_memory()
-    result = {"impl": args.impl, "L": L}
+    quantized = any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+    result = {
+        "impl": args.impl,
+        "model": args.model,
+        "L": L,
+        "batch": B,
+        "bits": args.bits if quantized else 0,
+        "layers": len(model.layers),
+        "dtype": {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}[model.model.norm.weight.dtype],
+    }
     times = []
     for i in range(args.steps):
-        tokens = mx.array(stream[i * (L + 1) : (i + 1) * (L + 1)][None])
+        tokens = mx.array(stream[i * B * (L + 1) : (i + 1) * B * (L + 1)].reshape(B, L + 1))
         start = time.perf_counter()
         loss, grads = step(tokens)
         mx.eval(loss, grads)
@@ -125,13 +143,17 @@ def child(args) -> dict:
         times.append(time.perf_counter() - start)
     result["peak_bytes"] = mx.get_peak_memory()
     result["step_s"] = times[-1]
-    result["tokens_per_s"] = L / times[-1]
+    result["tokens_per_s"] = B * L / times[-1]
+    result["weights_bytes"] = weights
     return result
 
 
 def run_cell(args, impl, L, grads_path) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, str(L), "--model", args.model, "--rank", str(args.rank),
-           "--steps", str(args.steps), "--grads", str(grads_path), "--host-limit", str(args.host_limit)]  # fmt: skip
+           "--steps", str(args.steps), "--grads", str(grads_path), "--host-limit", str(args.host_limit),
+           "--batch", str(args.batch), "--bits", str(args.bits)]  # fmt: skip
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     try:
@@ -140,8 +162,8 @@ def run_cell(args, impl, L, grads_path) -> dict:
         return {"impl": impl, "L": L, "peak_bytes": None, "tokens_per_s": None, "loss": None, "note": "timed out"}
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
-    note = "killed (out of memory)" if proc.returncode in (-9, 137) else tail
+    tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}, no message (over --host-limit?)"])[-1]
+    note = "killed (out of memory)" if proc.returncode in (-9, 137) else tail[:160]
     return {"impl": impl, "L": L, "peak_bytes": None, "tokens_per_s": None, "loss": None, "note": note}
 
 
@@ -173,7 +195,15 @@ def main():
     p.add_argument("--model", default="smollm2-135m", help="mlx-ltc --model, or shape:starcoder2-3b (random weights)")
     p.add_argument("--layers", type=int, default=None, help="with shape:, keep only this many layers")
     p.add_argument("--lens", default="1024,2048,4096,8192")
-    p.add_argument("--impls", default="stock,ours")
+    p.add_argument("--impls", default="stock,ours", help="stock (mlx-lm's recipe), ours (the engine), or policies")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bf16", "fp32"),
+        help="the model's dtype [default: bf16 for shape:, as loaded for a model (fp32 on a CPU)]",
+    )
+    p.add_argument("--bits", type=int, default=4, help="with shape:, weight bits (0: unquantized)")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=1, help="steps per cell; tokens/s is the last step's")
     p.add_argument("--json", type=Path, default=Path("bench_memory.json"))
@@ -200,7 +230,7 @@ def main():
             for impl in impls:
                 cells[impl] = run_cell(args, impl, L, Path(tmp) / f"{impl}-{L}.npz")
                 print(f"{impl:>5} L={L:>6}: {json.dumps(cells[impl])}", file=sys.stderr, flush=True)
-            if all(c.get("loss") is not None for c in cells.values()) and len(cells) == 2:
+            if all(c.get("loss") is not None for c in cells.values()) and set(cells) == {"stock", "ours"}:
                 ours = cells["ours"]
                 ours["loss_rel_diff"] = abs(ours["loss"] - cells["stock"]["loss"]) / abs(cells["stock"]["loss"])
                 npz = [Path(tmp) / f"{impl}-{L}.npz" for impl in ("stock", "ours")]

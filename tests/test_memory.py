@@ -187,6 +187,8 @@ def test_profile_finds_a_length_and_train_uses_it(tiny_dir, tmp_path, small_repo
     p = json.loads(out.read_text())
     assert p["backend"] == "cpu" and 256 <= p["max_seq_len"] <= 1024 and p["tokens_per_s"] > 0
     assert all(pr["peak_bytes"] <= 200e6 for pr in p["probes"] if pr["fits"])
+    assert p["policy"] == "engine" and p["planned_max_seq_len"] > 0 and p["planned_peak_bytes"] > 0
+    assert "the planner (engine) expects" in r.stderr and "planned (engine)" in r.stdout
     r = run_cli("train", "--repo", small_repo, "--model", "tiny-starcoder2", "--max-steps", 1, "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr
     assert f"seq_len {p['max_seq_len']}" in r.stderr and "memory profile" in r.stderr

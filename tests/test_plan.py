@@ -51,8 +51,8 @@ def test_open_values_are_derived_and_the_users_config_is_left_as_it_was():
     assert (p.lora_rank.value, p.lora_rank.source) == (16, "derived")
     assert (p.phases.value, p.phases.source) == (2, "derived")
     assert (p.batch_size.value, p.batch_size.source) == (1, "default")
-    assert (p.layers_per_stage.value, p.layers_per_stage.source) == (1, "default")
-    assert p.attention == plan.Choice("efficient", "default")
+    assert (p.layers_per_stage.value, p.layers_per_stage.source) == (1, "derived")
+    assert (p.policy.value, p.attention.value) == ("engine", "efficient")  # a model the planner can't price
     c = p.config
     assert (c.data.seq_len, c.lora.rank, c.curriculum.phases, c.train.batch_size, c.memory.layers_per_stage) == (
         1024,
@@ -88,7 +88,7 @@ def test_the_memory_profile_sets_the_micro_batch_and_the_checkpoint_policy():
     assert longest.batch_size.value == 1 and longest.layers_per_stage.value == 3
     given = resolve(config.build(None, {"train": {"batch_size": 2}}), {"train.batch_size": "flag"}, profile=PROFILE)
     assert (given.batch_size.value, given.batch_size.source) == (2, "flag")
-    assert given.layers_per_stage.source == "default"  # 1024 x 2 < 4096: every layer's input fits
+    assert given.layers_per_stage.source == "derived"  # 1024 x 2 < 4096: the policy's (every layer's input)
 
 
 def test_a_model_the_engine_cant_run_gets_mlx_attention_and_says_why():

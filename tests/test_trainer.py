@@ -1,6 +1,7 @@
 """The training loop as an unattended run sees it: kills, Ctrl-C, corrupt checkpoints, NaNs, spikes."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,15 +132,34 @@ def test_ctrl_c_saves_and_exits_then_resume_finishes_identically(repo_and_config
 
 def test_resume_rejects_what_it_cannot_continue(repo_and_config, reference_run, tmp_path):
     root, repo, _ = repo_and_config
+    early = tmp_path / "early"  # stopped while writing its first checkpoint: training had not begun
+    (early / "checkpoints" / ".step-0000000.tmp").mkdir(parents=True)
+    (early / "config.json").write_text("{}")
     for args, message in [
         ((tmp_path,), "not an mlx-ltc run directory"),
         ((reference_run,), "already complete"),
         ((reference_run, "--model", "tiny-starcoder2"), "drop model"),
+        ((early,), "stopped before training began"),
     ]:
         proc = run_cli("train", "--resume", *args)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
         assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_run_stopped_before_its_base_eval_resumes_and_measures_it(reference_run, tmp_path):
+    """The base eval comes after training (adapters off): a run stopped before it has no base_eval.json,
+    and its resume measures the same numbers as the uninterrupted run."""
+    out = tmp_path / "stopped"
+    shutil.copytree(reference_run, out)
+    for name in ("COMPLETE", "base_eval.json", "report.json", "summary.txt"):
+        (out / name).unlink()
+    resumed = run_cli("train", "--resume", out, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "eval: base model (adapters off)" in resumed.stderr and (out / "COMPLETE").is_file()
+    read = lambda run, name: json.loads((run / name).read_text())  # noqa: E731
+    assert read(out, "base_eval.json") == read(reference_run, "base_eval.json")
+    assert read(out, "report.json")["base"] == read(reference_run, "report.json")["base"]
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")

@@ -13,6 +13,18 @@ from pathlib import Path
 _ENV_DONE = "MLX_LTC_BLAS_CHECKED"
 
 
+def missing_mlx_backend() -> str | None:
+    """Why MLX can't run here (on Linux `mlx` alone has no backend library), or None."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        return (
+            f"MLX has no backend here ({str(e).splitlines()[0][:120]}); install one: "
+            "pip install 'mlx-ltc[cpu]', or 'mlx-ltc[cuda]' with an NVIDIA GPU (scripts/setup.sh [--cuda])"
+        )
+    return None
+
+
 def find_openblas():
     """Path of a preloadable OpenBLAS providing cblas_sgemm, or None. MLX_LTC_BLAS overrides
     (a path, or 'none' to disable)."""

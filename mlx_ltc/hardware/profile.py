@@ -146,6 +146,9 @@ class Profile(Record):
     probes: list[Probe] = field(default_factory=list)
     created: str = ""
     max_len_reached: bool = False  # the search stopped at its --max-len: longer may fit
+    policy: str = ""  # the memory policy searched (train.policies), custom when no policy matches the settings
+    planned_max_seq_len: int | None = None  # the planner's longest L in the budget, where the search started
+    planned_peak_bytes: int | None = None  # the planner's peak at the measured longest L
 
 
 class _OverBudget(Exception):
@@ -200,9 +203,10 @@ def probe(model, memory_cfg, seq_len: int, budget: int | None, batch_size: int =
     return Probe(seq_len, True, peak, step_s, batch_size * seq_len / step_s, k)
 
 
-def search(try_len, start: int, max_len: int, granularity: int, log=print) -> tuple:
-    """Largest L in [start, max_len] (multiple of granularity) with try_len(L).fits, by doubling then
-    bisection. Returns (best probe or None, all probes)."""
+def search(try_len, start: int, max_len: int, granularity: int, log=print, floor: int | None = None) -> tuple:
+    """Largest L in [floor, max_len] (multiple of granularity) with try_len(L).fits: from `start`, doubling while
+    it fits, halving (down to floor, default start) while it doesn't, then bisection. Returns (best probe or
+    None, all probes)."""
     probes, best = [], None
 
     def attempt(n):
@@ -221,6 +225,16 @@ def search(try_len, start: int, max_len: int, granularity: int, log=print) -> tu
             hi = n
             break
         lo, n = n, n * 2
+    floor = start if floor is None else floor
+    n = hi
+    while lo is None and n is not None and n // 2 >= floor:  # the first guess was too long: halve
+        n = max(floor, n // 2 // granularity * granularity)
+        if attempt(n):
+            lo = n
+        else:
+            hi = n
+            if n == floor:
+                break
     if lo is None:
         return None, probes
     if hi is None:
@@ -244,6 +258,7 @@ def _engine_key(memory: dict) -> str:
     import hashlib
     import json
 
+    memory = {k: v for k, v in memory.items() if k != "policy"}  # the parts are the setting
     settings = json.dumps({**memory, "layers_per_stage": 0}, sort_keys=True)
     return hashlib.sha256(settings.encode()).hexdigest()[:10]
 
@@ -275,6 +290,16 @@ def run_profile(cfg, cache_dir: Path, force: bool = False, log=print) -> Profile
     from mlx_ltc.train.lora import apply_lora
     from mlx_ltc.train.update import enable_grad_checkpoint
 
+    from mlx_ltc.train.policies import POLICIES
+
+    if cfg.memory.policy in POLICIES:  # a named policy: profile its settings (auto and custom: the parts as set)
+        import json
+
+        p = POLICIES[cfg.memory.policy]
+        model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+        n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        train = dataclasses.replace(cfg.train, grad_checkpoint=p.checkpoint)
+        cfg = dataclasses.replace(cfg, memory=p.memory(cfg.memory, n_layers), train=train)
     asked, info = cfg.profile, machine()
     budget = parse_size(asked.memory_budget) if asked.memory_budget else default_budget(info)
     max_len = asked.max_len or (8192 if info.backend == "cpu" else 131072)
@@ -327,8 +352,14 @@ def run_profile(cfg, cache_dir: Path, force: bool = False, log=print) -> Profile
                 break
         return last
 
+    planned = _planned(cfg, loaded, batch_size, budget, granularity)
+    first = start
+    if planned:
+        first = min(max_len, max(start, planned["max_seq_len"] // granularity * granularity))
+        expected = f"{planned['max_seq_len']:,} tokens"
+        log(f"profile: the planner ({planned['policy']}) expects up to {expected}: trying that first")
     log(f"profile: searching the longest sequence (real training steps of {cfg.model.name}, batch {batch_size})")
-    best, probes = search(try_len, start, max_len, granularity, log)
+    best, probes = search(try_len, first, max_len, granularity, log, floor=start)
     if best is None:
         raise UserError(
             f"no sequence length from {start} fits in {format_size(budget)} (a 128-token step peaks at "
@@ -351,9 +382,36 @@ def run_profile(cfg, cache_dir: Path, force: bool = False, log=print) -> Profile
         probes=probes,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         max_len_reached=best.seq_len >= max_len,
+        policy=planned["policy"] if planned else "custom",
+        planned_max_seq_len=planned["max_seq_len"] if planned else None,
+        planned_peak_bytes=planned["peak"](best.seq_len) if planned else None,
     )
     atomic.write_json(cache_path(cache_dir, cfg.model.name, info.backend, settings["memory"]), profile.to_json())
     return profile
+
+
+def _planned(cfg, loaded, batch_size: int, budget: int, granularity: int) -> dict | None:
+    """The planner's answer for the policy these memory settings are; None when none is or it can't price the model."""
+    from mlx_ltc.hardware import planner
+    from mlx_ltc.train.policies import POLICIES
+
+    m, staged_k = cfg.memory, cfg.memory.layers_per_stage
+    n_layers = len(loaded.model.layers)
+    for p in POLICIES.values():
+        same = (p.attention, p.loss, p.staged) == (m.attention, m.loss, m.staged)
+        same = same and (p.checkpoint == (cfg.train.grad_checkpoint and not m.staged))
+        if same and (not staged_k or p.layers_per_stage(n_layers) == staged_k) and not p.fused:
+            break
+    else:
+        return None
+    try:
+        shape = planner.Shape.from_config(loaded.config, cfg.model.name)
+    except UserError:
+        return None
+    setup = planner.setup_for(loaded, cfg, batch_size, backend())
+    longest = planner.max_seq_len(shape, setup, p.name, budget, granularity)
+    peak = lambda n: planner.predict(shape, setup, p.name, n)["peak"]  # noqa: E731
+    return {"policy": p.name, "max_seq_len": longest, "peak": peak}
 
 
 def summary(p: Profile) -> str:
@@ -366,4 +424,13 @@ def summary(p: Profile) -> str:
         f"  matmul GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in p.matmul_gflops.items()) + f"; bf16 {p.bf16}\n"
         f"  longest training sequence: {p.max_seq_len:,} tokens{capped} at {p.tokens_per_s:,.0f} tokens/s "
         f"({plan}, batch {p.batch_size})\n"
+    ) + (
+        f"  planned ({p.policy}): longest {p.planned_max_seq_len:,} tokens; at {p.max_seq_len:,} a peak of "
+        f"{format_size(p.planned_peak_bytes)}, measured {format_size(_peak_at(p))}\n"
+        if p.planned_max_seq_len is not None
+        else ""
     )
+
+
+def _peak_at(p: Profile) -> int:
+    return next((x.peak_bytes for x in p.probes if x.seq_len == p.max_seq_len and x.fits), 0)

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,6 +81,20 @@ class TorchBackend:
             "num_layers": blocks if c.layers < 0 else min(c.layers, blocks),
             "lora_parameters": {"rank": rank, "scale": c.scale, "dropout": c.dropout, "keys": keys},
         }
+
+    @contextmanager
+    def adapters_off(self, model):
+        """The base model's numbers from the adapted one: every LoRA layer (`reference.lora.LoRALinear`,
+        y = W x + b + scale * (x A) B) with scale 0 adds exactly zero to its frozen layer's output."""
+        layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+        scales = [m.scale for m in layers]
+        for m in layers:
+            m.scale = 0.0
+        try:
+            yield
+        finally:
+            for m, scale in zip(layers, scales):
+                m.scale = scale
 
     def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
         """The plain loop: one phase at the dataset's length, no orchestrator or checkpoints."""
