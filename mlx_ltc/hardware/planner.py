@@ -348,38 +348,31 @@ def setup_from_config(config: dict, cfg, backend: str, batch: int, dtype=None, b
     """How mlx-ltc would train this config.json's model on `backend`: dequantized to fp32 on a CPU, else
     quantized (the config's own quantization, or model.bits) with the config's float dtype."""
     quantization = config.get("quantization") or {}
-    embed = quantization.get("model.embed_tokens")
     if bits is None:
         bits = 0 if backend == "cpu" else int(quantization.get("bits", cfg.model.bits))
     if dtype is None:
         torch_dtype = str(config.get("torch_dtype", "bfloat16"))
         dtype = "fp32" if backend == "cpu" else {"float16": "fp16", "float32": "fp32"}.get(torch_dtype, "bf16")
-    return Setup(
-        dtype=dtype,
-        bits=bits,
-        group_size=int(quantization.get("group_size", cfg.model.group_size)),
-        embed_bits=embed.get("bits") if isinstance(embed, dict) and bits else None,
-        lora_rank=cfg.lora.rank or 8,
-        lora_targets=tuple(cfg.lora.targets),
-        lora_layers=cfg.lora.layers,
-        batch=batch,
-        block_mb=cfg.memory.block_mb,
-        backend=backend,
-    )
+    return _setup(cfg, quantization, dtype, bits, batch, backend)
 
 
 def setup_for(loaded, cfg, batch: int, backend: str) -> Setup:
     """The Setup of a loaded model (models.LoadedModel) trained with this config on `backend`."""
     quantization = (getattr(loaded, "config", None) or {}).get("quantization") or {}
-    embed = quantization.get("model.embed_tokens")
     dequantized = getattr(loaded, "dequantized", True) or not quantization
     dtype = str(getattr(loaded, "dtype", "float32"))
     act = "fp32" if dequantized or "float32" in dtype.split(",") else "fp16" if "float16" in dtype else "bf16"
+    bits = 0 if dequantized else int(quantization.get("bits", cfg.model.bits))
+    return _setup(cfg, quantization, act, bits, batch, backend)
+
+
+def _setup(cfg, quantization: dict, dtype: str, bits: int, batch: int, backend: str) -> Setup:
+    embed = quantization.get("model.embed_tokens")  # mlx-lm's per-module quantization
     return Setup(
-        dtype=act,
-        bits=0 if dequantized else int(quantization.get("bits", cfg.model.bits)),
+        dtype=dtype,
+        bits=bits,
         group_size=int(quantization.get("group_size", cfg.model.group_size)),
-        embed_bits=embed.get("bits") if isinstance(embed, dict) else None,
+        embed_bits=embed.get("bits") if isinstance(embed, dict) and bits else None,
         lora_rank=cfg.lora.rank or 8,
         lora_targets=tuple(cfg.lora.targets),
         lora_layers=cfg.lora.layers,
