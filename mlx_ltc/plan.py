@@ -149,9 +149,10 @@ def memory_policy(cfg: Config, given: dict, backend, loaded) -> dict:
         }
     if not backend.engine_supports(loaded) and (choices["attention"].value == "efficient" or choices["staged"].value):
         why = f"the memory engine does not support {loaded.config.get('model_type')!r} models"
-        if choices["policy"].value == "auto":
-            choices["policy"] = Choice("auto", choices["policy"].source, why)
+        if choices["policy"].value == "auto":  # auto chooses among the rest
+            choices["policy"] = Choice("auto", "backend", why)
         else:
+            choices["policy"] = Choice("custom", "backend", why)
             choices["attention"] = Choice("stock", "backend", why)
             choices["staged"] = Choice(False, "backend", why)
     return choices
@@ -167,7 +168,7 @@ def auto_policy(cfg: Config, policy: dict, backend, loaded, seq_len: int, batch:
     """(policy name, why): the fastest policy the planner says fits the memory budget at this length and batch."""
     from mlx_ltc.hardware import planner, profile as hw
 
-    engine_ok = "memory engine does not support" not in policy["policy"].why
+    engine_ok = policy["policy"].source != "backend"
     candidates = [n for n, p in POLICIES.items() if engine_ok or (p.attention == "stock" and not p.staged)]
     if cfg.lora.dropout > 0:  # recomputation must be deterministic
         candidates = [n for n in candidates if not POLICIES[n].staged]
@@ -251,7 +252,7 @@ def resolve(
         name, why = auto_policy(cfg, policy, backend, loaded, seq_len.value, batch.value, profile)
         p = POLICIES[name]
         chosen = Choice(name, "derived", why)
-        ruled_out = "memory engine does not support" in policy["policy"].why
+        ruled_out = policy["policy"].source == "backend"  # the engine can't run this model
         source, because = ("backend", policy["policy"].why) if ruled_out else ("derived", f"policy {name}")
         policy = policy | {k: Choice(getattr(p, k), source, because) for k in _PARTS[:3]}
     if policy["staged"].value and cfg.lora.dropout > 0:

@@ -122,3 +122,9 @@ def test_the_plan_round_trips_through_plan_json(tmp_path):
     (tmp_path / plan.PLAN).write_text('{"seq_len": 3}')
     with pytest.raises(UserError, match="not a readable plan"):
         plan.load(tmp_path)
+
+
+def test_a_named_policy_the_engine_cant_run_falls_back_and_says_so():
+    p = resolve(config.build(None, {"memory": {"policy": "engine"}}), {"memory.policy": "flag"}, Unsupported())
+    assert (p.policy.value, p.policy.source) == ("custom", "backend") and "mamba" in p.policy.why
+    assert p.config.memory.policy == "custom" and p.config.memory.staged is False and p.attention.value == "stock"
