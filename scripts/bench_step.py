@@ -91,16 +91,20 @@ def main():
         cmd = [sys.executable, __file__, "--child", name, "--seq-len", str(args.seq_len), "--rank", str(args.rank),
                "--model", args.model, "--steps", str(args.steps), "--host-limit", str(args.host_limit)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        label = "stock (plain)" if name == "plain" else name
         if proc.returncode:
-            print(f"  {name:<24}failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}", flush=True)
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode} (over --host-limit?)"])[-1][:120]
+            rows.append({"name": name, "tokens_per_s": None, "note": why})
+            print(f"  {label:<24}did not run: {why}", flush=True)
+            stock = stock if name != "plain" else 0.0  # no baseline: no ratios
             continue
         out = json.loads(proc.stdout.splitlines()[-1])
-        stock = stock or out["tokens_per_s"]
-        label = "stock (plain)" if name == "plain" else f"auto -> {out['policy']}" if name == "auto" else name
-        rows.append({"name": name, **out, "vs_stock": out["tokens_per_s"] / stock})
-        print(
-            f"  {label:<24}{out['tokens_per_s']:>8.1f} tokens/s  {out['tokens_per_s'] / stock:.2f}x stock", flush=True
-        )
+        stock = out["tokens_per_s"] if stock is None else stock
+        label = f"auto -> {out['policy']}" if name == "auto" else label
+        ratio = out["tokens_per_s"] / stock if stock else None
+        rows.append({"name": name, **out, "vs_stock": ratio})
+        shown = f"{ratio:.2f}x stock" if ratio else "(stock did not run)"
+        print(f"  {label:<24}{out['tokens_per_s']:>8.1f} tokens/s  {shown}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "seq_len": args.seq_len, "rows": rows}, indent=1) + "\n")
 
