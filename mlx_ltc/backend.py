@@ -38,8 +38,11 @@ class Backend(Protocol):
     # off), so the base eval runs after training on the model that trained
     def adapters_off(self, model): ...
 
-    # -> TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints
-    def train(self, model, split, val, cfg: Config, run_dir: Path, progress: bool, resume=False, max_steps=None): ...
+    # -> TrainResult; writes run_dir/metrics.jsonl. resume: continue from run_dir's checkpoints. world: the
+    # ranks of an mlx.launch run (distributed.World), or None for one process
+    def train(
+        self, model, split, val, cfg: Config, run_dir: Path, progress: bool, resume=False, max_steps=None, world=None
+    ): ...
 
     def save_adapters(self, model, adapter_dir: Path, adapter_config: dict) -> None: ...
 
@@ -80,11 +83,11 @@ class MLXBackend:
 
         return adapters_off(model)
 
-    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
+    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None, world=None):
         from mlx_ltc.train import phases
         from mlx_ltc.train.trainer import Trainer
 
-        trainer = Trainer(model, split, val, cfg, run_dir, progress=progress)
+        trainer = Trainer(model, split, val, cfg, run_dir, progress=progress, world=world)
         if resume:
             trainer.resume(max_steps)
         else:

@@ -1,5 +1,6 @@
 """The `mlx-ltc` command line."""
 
+import dataclasses
 import os
 import re
 import sys
@@ -20,7 +21,8 @@ class _Group(click.Group):
         except UserError as e:
             raise click.ClickException(str(e)) from None
         except Interrupted as e:
-            click.echo(str(e), err=True)
+            if str(e):  # empty on an mlx.launch rank other than the main one
+                click.echo(str(e), err=True)
             ctx.exit(130)
         except OSError as e:  # a path we were given can't be written or read (permissions, missing parent, full disk)
             where = f": {e.filename}" if e.filename else ""
@@ -47,6 +49,14 @@ def _memory_options(f):
     return f
 
 
+def _context_parallel_option(f):
+    return click.option(
+        "--context-parallel",
+        is_flag=True,
+        help="Under mlx.launch: the ranks share every sequence's positions (memory.context_parallel).",
+    )(f)
+
+
 def _memory_overrides() -> dict:
     """The `memory` keys the current command's --no-* memory flags set."""
     params = click.get_current_context().params
@@ -54,6 +64,7 @@ def _memory_overrides() -> dict:
         "staged": False if params.get("no_staged") else None,
         "loss": "full" if params.get("no_chunked_loss") else None,
         "attention": "stock" if params.get("no_efficient_attention") else None,
+        "context_parallel": True if params.get("context_parallel") else None,
     }
     return {"memory": _given(switched)}
 
@@ -162,6 +173,7 @@ def _config_given(config_file, extra: dict | None = None) -> tuple:
     help="Continue the interrupted run in this directory from its last checkpoint.",
 )
 @_memory_options
+@_context_parallel_option
 def train_cmd(repo, out, config_file, overwrite, quiet, resume, max_steps, **settings):
     """Train LoRA adapters on the repository given by --repo: build its dataset, train, and report the
     base and adapted models side by side (held-out perplexity, completion, the forgetting check).
@@ -183,13 +195,13 @@ def train_cmd(repo, out, config_file, overwrite, quiet, resume, max_steps, **set
         if given:
             raise UserError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
         report = run.resume_train(resume, max_steps, progress=not quiet)
+    else:
+        cfg, given = _config_given(config_file, _memory_overrides())
+        report = run.run_train(
+            cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet, given=given
+        )
+    if report is not None:  # None: a rank other than the main one of an mlx.launch run
         click.echo(run.summary(report), nl=False)
-        return
-    cfg, given = _config_given(config_file, _memory_overrides())
-    report = run.run_train(
-        cfg, repo, out or run.default_out(repo), overwrite=overwrite, progress=not quiet, given=given
-    )
-    click.echo(run.summary(report), nl=False)
 
 
 def _data_options(f):
@@ -294,6 +306,31 @@ def profile_cmd(config_file, json_out, force, **settings):
     click.echo(profile.summary(result), nl=False)
 
 
+@cli.command(
+    "launch",
+    short_help="Run an mlx-ltc command on several ranks with mlx.launch, checking the hosts first.",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def launch_cmd(args):
+    """mlx.launch's options, then -- and an mlx-ltc command, e.g.
+
+    \b
+      mlx-ltc launch -n 2 --backend ring -- train --repo . --out runs/dp
+      mlx-ltc launch --hostfile hosts.json --backend ring -- train --repo ~/src/p --context-parallel
+
+    Each host of --hosts/--hostfile must answer SSH first (mlx.launch would wait for an unreachable one
+    without a word), and the exit status is non-zero when a rank failed (mlx.launch's is 0 regardless).
+    """
+    from mlx_ltc import launch
+
+    args = list(args)
+    if "--" not in args:
+        raise UserError("give mlx.launch's options, then -- and the mlx-ltc command (mlx-ltc launch -n 2 -- train ...)")
+    cut = args.index("--")
+    launch.run(args[:cut], args[cut + 1 :])
+
+
 @cli.command("plan", short_help="Predict a training step's peak memory under each memory policy (no weights).")
 @_setting("--model", key="model.name", help="A model name, a model directory or a config.json.")
 @_setting(
@@ -326,9 +363,17 @@ def profile_cmd(config_file, json_out, force, **settings):
     help="Weight bits, 0 = dequantized [default: 0 on cpu, else the model's quantization or model.bits].",
 )
 @_setting("--lora-rank", key="lora.rank", type=click.IntRange(min=1), help="LoRA rank [default: 8].")
+@click.option(
+    "--context-parallel",
+    "ranks",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Price context parallelism over this many ranks: each rank's peak (engine policies).",
+)
 @_config_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the plan here.")
-def plan_cmd(seq_len, backend_name, dtype, bits, config_file, json_out, **settings):
+def plan_cmd(seq_len, backend_name, dtype, bits, ranks, config_file, json_out, **settings):
     """Predict the peak memory of one LoRA training step for every memory policy, the longest sequence each
     fits in the budget, and the policy `memory.policy: auto` would train with. Reads config.json only."""
     from mlx_ltc import atomic, models
@@ -346,6 +391,8 @@ def plan_cmd(seq_len, backend_name, dtype, bits, config_file, json_out, **settin
     else:
         raise UserError(f"--backend {backend_name} is not this machine's ({here}): give --memory-budget")
     setup = planner.setup_from_config(config_json, cfg, backend_name, cfg.profile.batch_size, dtype, bits)
+    if ranks > 1:
+        setup = dataclasses.replace(setup, context_ranks=ranks)
     result = planner.plan(shape, setup, budget, seq_len or cfg.data.seq_len or 4096)
     click.echo(f"config: {where}", err=True)
     click.echo(planner.describe(result), nl=False)

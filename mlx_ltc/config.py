@@ -79,6 +79,7 @@ class MemoryConfig:
     layers_per_stage: int = 0  # keep a checkpoint every k layers; 0 = from the memory profile, else 1
     loss_chunk: int = 0  # positions per loss chunk; 0 = as many as fit block_mb (4 fp32 rows of V logits each)
     block_mb: int = 64  # working-set target of one attention block or MLP chunk, MiB
+    context_parallel: bool = False  # under mlx.launch: the ranks share each sequence's positions (engine policies)
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,13 @@ def auto_policy(cfg: Config, policy: dict, backend, loaded, seq_len: int, batch:
     candidates = [n for n, p in POLICIES.items() if engine_ok or (p.attention == "stock" and not p.staged)]
     if cfg.lora.dropout > 0:  # recomputation must be deterministic
         candidates = [n for n in candidates if not POLICIES[n].staged]
+    if cfg.memory.context_parallel:  # the ranks share positions inside the engine's staged steps
+        from mlx_ltc import distributed
+
+        candidates = [n for n in candidates if POLICIES[n].staged and POLICIES[n].attention == "efficient"]
+        if not candidates:
+            raise UserError("memory.context_parallel needs the memory engine, which this model or backend can't run")
+        ranks = distributed.world().size
     try:
         shape = planner.Shape.from_config(getattr(loaded, "config", None) or {}, cfg.model.name)
     except UserError as e:
@@ -180,6 +187,8 @@ def auto_policy(cfg: Config, policy: dict, backend, loaded, seq_len: int, batch:
     budget = profile.memory_budget if profile else hw.default_budget(hw.machine())
     where = "the memory profile's budget" if profile else "what this machine can give MLX"
     setup = planner.setup_for(loaded, cfg, batch, hw.backend())
+    if cfg.memory.context_parallel:
+        setup = dataclasses.replace(setup, context_ranks=ranks)
     try:
         result = planner.plan(shape, setup, budget, seq_len, policies=candidates, where=where)
     except UserError as e:  # the weights alone exceed the budget: train as frugally as possible, and say so

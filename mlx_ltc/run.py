@@ -2,17 +2,26 @@
 
 The run directory is written as it goes; `COMPLETE` is written last, so a directory without it is
 never mistaken for a finished run.
+
+Under `mlx.launch` (`distributed.world()`), the main rank does all of this; every other rank checks that
+it runs the same mlx-ltc with the same settings, takes the main rank's resolved config, builds the same
+dataset from its own copy of the repository into a private directory (checked against the main rank's,
+hash for hash), trains beside it, and exits; the evaluation after training is the main rank's.
 """
 
+import hashlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from mlx_ltc import __version__, atomic, backend, data, hardware, models, plan
+from mlx_ltc import __version__, atomic, backend, data, distributed, hardware, models, plan
+from mlx_ltc import config as config_module
 from mlx_ltc.config import Config
 from mlx_ltc.errors import UserError
 from mlx_ltc.eval import Perplexity
@@ -80,7 +89,17 @@ def default_out(repo: Path) -> Path:
     return Path("runs") / f"{repo.resolve().name or 'repo'}-{stamp}"
 
 
-def run_train(
+def run_train(cfg: Config, repo: Path, out: Path, *args, **kwargs) -> TrainReport | None:
+    """`_run_train`, with a lost peer under mlx.launch reported in one line."""
+    with distributed.world().guard(lambda: _resume_hint(Path(out))):
+        return _run_train(cfg, repo, out, *args, **kwargs)
+
+
+def _resume_hint(out: Path) -> str:
+    return f"; continue with mlx-ltc train --resume {out}" if _training_began(out) else ""
+
+
+def _run_train(
     cfg: Config,
     repo: Path,
     out: Path,
@@ -89,9 +108,17 @@ def run_train(
     progress: bool = True,
     given: dict | None = None,
 ) -> TrainReport:
-    """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given)."""
+    """`given` maps "section.key" to "flag" or "file" for the values the user set (config.build_given).
+    Returns None on a rank other than the main one."""
     started = time.perf_counter()
-    out = Path(out)
+    world = distributed.world()
+    out = Path(world.broadcast_json(str(out)))  # a default --out is stamped with the main rank's clock
+    world.agree("the mlx-ltc version", __version__)
+    world.agree("--overwrite", overwrite)
+    world.agree("the settings", {"config": cfg.to_dict(), "given": given, "repo": str(repo)})
+    check_world(cfg, world)
+    if not world.main:
+        return _follow_main(cfg, repo, cache_dir, progress, world)
     verdict = run_dir(out).check(overwrite)
     scan = data.scan(repo, cfg.data.max_file_bytes)  # cheap input errors before any model work
     if cfg.orchestrator.report_to == "wandb":
@@ -113,6 +140,7 @@ def run_train(
     run_plan = plan.resolve(cfg, given, compute_with, policy, analysis.constants, profile, loaded)
     _log(run_plan.describe())
     cfg = run_plan.config
+    check_engine(cfg, compute_with, loaded)
     compute_with.prepare(loaded, cfg)
     staging = out.parent / f".{out.name}.data.tmp"  # the dataset is moved into the run directory below
     meta = data.build(corpus, staging, cfg.data.seq_len, analysis, progress=progress)
@@ -123,6 +151,14 @@ def run_train(
             f"repo {scan.root} is too small to hold out validation files: "
             f"{len(meta.files_by_split['train'])} train / {len(meta.files_by_split['val'])} val files"
         )
+    if world.distributed:
+        world.barrier()  # the caches are warm: the other ranks build their copies now
+        world.broadcast_json(cfg.to_dict())
+        try:
+            world.agree("the dataset (build it from the same repository on every host)", dataset_hash(staging))
+        except UserError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     compute = {
         **hardware.describe(),
         "backend": compute_with.name,
@@ -134,15 +170,106 @@ def run_train(
     staging.rename(out / "data")
     run_plan.save(out)
     plan.RunInfo(cfg.to_dict(), str(model_dir), str(scan.root), compute, __version__, sys.argv).save(out)
-    return _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir)
+    return _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir, world=world)
 
 
-def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> TrainReport:
+def check_world(cfg: Config, world) -> None:
+    """What a distributed run can't do, in one line on every rank."""
+    if cfg.memory.context_parallel and not world.distributed:
+        raise UserError(
+            "memory.context_parallel shares each sequence between ranks: start the run with "
+            "mlx.launch -n 2 (or --hosts/--hostfile) -- mlx-ltc train ..."
+        )
+    if world.distributed and cfg.train.backend != "mlx":
+        raise UserError(f"--backend {cfg.train.backend} trains in one process; drop mlx.launch or use --backend mlx")
+    m = cfg.memory
+    named = m.policy not in ("auto", "custom", "engine", "engine_sqrt")
+    if m.context_parallel and (named or not m.staged or m.attention != "efficient"):
+        raise UserError(
+            f"memory.context_parallel needs memory.policy engine or engine_sqrt (the engine's staged steps and "
+            f"attention), not {m.policy if named else 'staged: false or attention: stock'}"
+        )
+
+
+def check_engine(cfg: Config, compute_with, loaded) -> None:
+    if cfg.memory.context_parallel and not compute_with.engine_supports(loaded):
+        kind = getattr(loaded, "config", {}).get("model_type")
+        raise UserError(
+            f"memory.context_parallel runs on the memory engine, which does not support {kind!r} models "
+            "(llama and starcoder2 without sliding-window layers)"
+        )
+    if cfg.memory.context_parallel and not (cfg.memory.staged and cfg.memory.attention == "efficient"):
+        raise UserError(f"memory.context_parallel needs memory.policy engine or engine_sqrt, not {cfg.memory.policy}")
+
+
+def dataset_hash(data_dir: Path) -> str:
+    """What must be equal on every rank: the train and val splits' tokens and weights."""
+    h = hashlib.sha256()
+    for name in ("train", "val"):
+        split = data.load_split(Path(data_dir), name)
+        for a in (split.tokens, split.weights):
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _follow_main(cfg: Config, repo: Path, cache_dir, progress: bool, world, resumed_config=None, max_steps=None):
+    """A rank other than the main one: the same model and dataset as the main rank's, privately; train."""
+    if resumed_config is None:
+        world.barrier()  # the main rank has checked its inputs and warmed the caches
+        cfg = config_module.build(None, world.broadcast_json(None))
+    else:
+        cfg = config_module.build(None, resumed_config)
+    cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
+    compute_with = backend.get(cfg.train.backend)
+    model_dir = models.resolve(cfg.model.name, cache_dir, cfg.model.bits, cfg.model.group_size)
+    loaded = compute_with.load(model_dir, cfg, lambda msg: None)
+    check_engine(cfg, compute_with, loaded)
+    compute_with.prepare(loaded, cfg)
+    scan = data.scan(repo, cfg.data.max_file_bytes)
+    corpus = data.Corpus.cached(scan, loaded.tokenizer, cfg.data, cache_dir, log=lambda m: None, progress=False)
+    _sweep_private_dirs()
+    private = Path(tempfile.mkdtemp(prefix=f"mlx-ltc-rank{world.rank}-pid{os.getpid()}-"))
+    try:
+        data.build(corpus, private / "data", cfg.data.seq_len, corpus.analysis(None), progress=False)
+        world.agree("the dataset (build it from the same repository on every host)", dataset_hash(private / "data"))
+        train_split, val_split = data.load_split(private / "data", "train"), data.load_split(private / "data", "val")
+        compute_with.apply_lora(loaded.model, cfg)
+        compute_with.train(loaded.model, train_split, val_split, cfg, private / "run", False,
+                           resume=resumed_config is not None, max_steps=max_steps, world=world)  # fmt: skip
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return None
+
+
+def _sweep_private_dirs() -> None:
+    """Remove the private directories of ranks that were killed (mlx.launch stops a job with SIGTERM)."""
+    for path in Path(tempfile.gettempdir()).glob("mlx-ltc-rank*-pid*-*"):
+        try:
+            pid = int(path.name.split("-pid")[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> TrainReport | None:
     """`mlx-ltc train --resume RUN_DIR`: continue an interrupted run from its newest whole checkpoint."""
+    with distributed.world().guard(lambda: _resume_hint(Path(run_dir))):
+        return _resume_train(run_dir, max_steps, cache_dir, progress)
+
+
+def _resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool = True) -> TrainReport | None:
     from mlx_ltc import config
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    world = distributed.world()
+    world.agree("the mlx-ltc version", __version__)
+    world.agree("the command", [str(run_dir), max_steps])
+    if not world.main:
+        resumed = world.broadcast_json(None)
+        return _follow_main(None, Path(resumed["repo"]), cache_dir, progress, world, resumed["config"], max_steps)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"--resume {run_dir}: not an mlx-ltc run directory (no config.json)")
     if (run_dir / COMPLETE).exists():
@@ -155,11 +282,17 @@ def resume_train(run_dir: Path, max_steps=None, cache_dir=None, progress: bool =
     compute_with = backend.get(cfg.train.backend)
     if compute_with.name != "mlx":
         raise UserError("--resume needs the mlx backend: the torch reference writes no checkpoints")
+    check_world(cfg, world)
+    world.broadcast_json({"config": cfg.to_dict(), "repo": info.repo})
     cache_dir = Path(cache_dir) if cache_dir else models.default_cache_dir()
     model_dir = info.base_model_dir(cfg, cache_dir)
     loaded = compute_with.load(model_dir, cfg, _log)
+    check_engine(cfg, compute_with, loaded)
     compute_with.prepare(loaded, cfg)
-    return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps)
+    if world.distributed:
+        world.agree("the dataset (build it from the same repository on every host)", dataset_hash(run_dir / "data"))
+    return _train_and_report(cfg, compute_with, loaded, run_dir, progress, started, cache_dir, True, max_steps,
+                             world=world)  # fmt: skip
 
 
 def _training_began(run_dir: Path) -> bool:
@@ -184,7 +317,9 @@ def base_eval(compute_with, model, val_split, cfg, out: Path, progress: bool, re
     return base
 
 
-def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_dir, resume=False, max_steps=None):
+def _train_and_report(
+    cfg, compute_with, loaded, out, progress, started, cache_dir, resume=False, max_steps=None, world=None
+):
     info = plan.RunInfo.read(out)
     meta = data.load_metadata(out / "data")
     if meta.tokenizer_hash != data.tokenizer_hash(loaded.tokenizer):
@@ -199,7 +334,7 @@ def _train_and_report(cfg, compute_with, loaded, out, progress, started, cache_d
             "tokenizer_hash": meta.tokenizer_hash,
         }
     )
-    result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps)
+    result = compute_with.train(loaded.model, train_split, val_split, cfg, out, progress, resume, max_steps, world)
     compute_with.save_adapters(loaded.model, out / "adapters", adapter_config)
     base = base_eval(compute_with, loaded.model, val_split, cfg, out, progress, resume)
     adapted = compute_with.perplexity(loaded.model, val_split, cfg.train.eval_batch_size, "eval adapted", progress)

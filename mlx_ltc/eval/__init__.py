@@ -88,10 +88,16 @@ def perplexity(model, split: Split, batch_size: int = 4, desc: str = "eval", pro
     return tally.result()
 
 
-def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128, only: str | None = None):
+def position_nll(
+    model, split: Split, batch_size: int = 4, chunk: int = 128, only: str | None = None, world=None, nll_fn=None
+):
     """(perplexity by kind, NLL summed per position (L-1,), targets per position (L-1,)) over the split's
     real targets, those of documents of kind `only` in the position sums when the split has any;
-    position i predicts token i+1. Never holds more than `chunk` positions of logits."""
+    position i predicts token i+1. Never holds more than `chunk` positions of logits.
+
+    Under `mlx.launch` (`world`): each rank measures its share of the batches and the sums are added over
+    the ranks, or, with a context-parallel `nll_fn` (`engine.StagedStep.target_nll`), every rank runs
+    every batch on its share of the positions. Every rank gets the same result."""
     model.eval()
     width = split.tokens.shape[1] - 1
     total, count = np.zeros(width), np.zeros(width)
@@ -99,10 +105,21 @@ def position_nll(model, split: Split, batch_size: int = 4, chunk: int = 128, onl
     code = KINDS.index(only) + 1 if only else None
     if code is not None and not (kinds == code).any():
         code = None
-    for s in range(0, len(split), batch_size):
-        nll, kind = target_nll(model, mx.array(split.tokens[s : s + batch_size]), chunk), kinds[s : s + batch_size]
+    starts = list(range(0, len(split), batch_size))
+    shared = world is not None and world.distributed and nll_fn is None
+    if shared:
+        starts = starts[len(starts) * world.rank // world.size : len(starts) * (world.rank + 1) // world.size]
+    for s in starts:
+        tokens, kind = mx.array(split.tokens[s : s + batch_size]), kinds[s : s + batch_size]
+        nll = nll_fn(model, tokens, chunk) if nll_fn else target_nll(model, tokens, chunk)
         tally.add(nll, kind)
         counted = kind == code if code is not None else kind > 0
         total += (nll * counted).sum(axis=0)
         count += counted.sum(axis=0)
+    if shared:
+        sums = world.all_sum(mx.array(np.concatenate([tally.sums, tally.counts, total, count]).astype(np.float32)))
+        sums = np.array(sums, dtype=np.float64)
+        n = len(tally.sums)
+        tally.sums, tally.counts = sums[:n], sums[n : 2 * n].round().astype(np.int64)
+        total, count = sums[2 * n : 2 * n + width], sums[2 * n + width :]
     return tally.result(), total, count

@@ -140,6 +140,7 @@ class Setup:
     batch: int = 1
     block_mb: int = 64
     backend: str = "cpu"
+    context_ranks: int = 1  # memory.context_parallel over this many ranks: the peak is one rank's
 
     @property
     def act(self) -> int:
@@ -241,6 +242,10 @@ def units(shape: Shape, s: Setup, L: int) -> dict:
             "layer_all": n * layer, "mlp_all": n * mlp, "scores_all": n * scores}  # fmt: skip
 
 
+# copies of one layer's gathered (B, Hkv, L, 2D) keys and values alive at once under context parallelism
+GATHERED_KV = 4
+
+
 def kept_checkpoints(policy: Policy, shape: Shape) -> int:
     """Layer inputs alive at the backward's start: one per layer (or per stage, plus a stage's recomputed ones)."""
     if policy.name == "plain":
@@ -260,14 +265,20 @@ def fused_vjp(shape: Shape, s: Setup, L: int | None = None) -> tuple[bool, str]:
 
 
 def predict(shape: Shape, s: Setup, policy: str, L: int) -> dict:
-    """{"peak": bytes, "terms": {term: bytes}} of one training step at L tokens."""
+    """{"peak": bytes, "terms": {term: bytes}} of one training step at L tokens (one rank's, with context
+    parallelism: its share of the positions, attention blocks over all the keys, the gathered K/V)."""
     p = POLICIES[policy]
-    u = units(shape, s, L)
+    ranks = s.context_ranks if p.staged and p.attention == "efficient" else 1
+    u = units(shape, s, -(-L // (2 * ranks)) * 2 if ranks > 1 else L)
+    if ranks > 1:
+        u = u | {"attn_block": units(shape, s, L)["attn_block"]}
     if p.attention == "stock" and fused_vjp(shape, s, L)[0]:  # MLX's fused backward: no L x L scores
         u = u | {"scores": 0, "scores_all": 0}
     coefficients = COEFFICIENTS[policy]
     terms = {"weights": weights_bytes(shape, s), "lora": lora_bytes(shape, s),
              "checkpoints": kept_checkpoints(p, shape) * u["layer"]}  # fmt: skip
+    if ranks > 1:  # every rank's K|V of a layer, gathered, and their summed gradient in the backward
+        terms["gathered_kv"] = GATHERED_KV * s.batch * shape.kv_heads * L * 2 * shape.head_dim * s.act
     if s.dtype != "fp32":  # the head's output and its fp32 copy differ below fp32: the loss side's own factor
         u = u | {k: u[k] * LOW_PRECISION_LOSS[policy] for k in ("logits", "loss_block", "head")}
     phases = [{unit: round(c * u[unit]) for unit, c in phase.items() if c} for phase in coefficients]
@@ -408,6 +419,7 @@ def describe(p: Plan) -> str:
     head = (
         f"{p.model}: {p.seq_len:,} tokens x batch {s.batch}, {s.dtype} activations, {weights} weights, LoRA rank "
         f"{s.lora_rank}, {s.backend} backend, budget {p.budget_bytes / 1e9:.2f} GB"
+        + (f" per rank, context parallel over {s.context_ranks} ranks (engine policies)" if s.context_ranks > 1 else "")
     )
     lines = [head, f"  {'policy':<12} {'peak GB':>8}  {'fits':<4} {'longest L':>10}  note"]
     for r in p.policies:

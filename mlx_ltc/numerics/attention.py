@@ -36,7 +36,7 @@ def first_key(start: int, window: int | None) -> int:
 
 
 def _scores(qb, k, scale, start, end, segments, window=None):
-    """fp32 masked scores of query rows [start, end) against keys [lo, end): (B, Hkv, G, n, end - lo)."""
+    """fp32 masked scores of the queries at positions [start, end) against keys [lo, end): (B, Hkv, G, n, end - lo)."""
     B, Hkv, G, n, D = qb.shape
     lo = first_key(start, window)
     s = (qb.reshape(B, Hkv, G * n, D) * scale) @ k[:, :, lo:end].swapaxes(-1, -2)
@@ -51,16 +51,18 @@ def _scores(qb, k, scale, start, end, segments, window=None):
     return mx.where(allowed, s, -mx.inf)
 
 
-def attention_forward(q, k, v, scale: float, rows: int, segments=None, window=None):
-    """Returns (output (B, Hq, L, D), log-sum-exp (B, Hq, L) fp32)."""
+def attention_forward(q, k, v, scale: float, rows: int, segments=None, window=None, offset: int = 0):
+    """Returns (output (B, Hq, L, D), log-sum-exp (B, Hq, L) fp32). `offset`: the position of q's first
+    row; k and v then hold the keys of positions [0, offset + L) (context parallelism's later slices)."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, Hq // Hkv, L, D)
     outs, lses = [], []
-    for start, end in _blocks(L, rows):
-        qb = qg[:, :, :, start:end]
+    for row, row_end in _blocks(L, rows):
+        qb = qg[:, :, :, row:row_end]
         if outs:  # MLX's scheduler would otherwise run blocks side by side, keeping all their scores
             qb = mx.depends(qb, outs[-1])
+        start, end = row + offset, row_end + offset
         lo = first_key(start, window)
         s = _scores(qb, k, scale, start, end, segments, window)
         lse = logsumexp(s)
@@ -73,31 +75,34 @@ def attention_forward(q, k, v, scale: float, rows: int, segments=None, window=No
     return out, mx.concatenate(lses, axis=3).reshape(B, Hq, L)
 
 
-def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segments=None, window=None):
-    """Gradients (dq, dk, dv) of sum(out * d_out), recomputing probabilities block by block.
+def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segments=None, window=None, offset=0):
+    """Gradients (dq, dk, dv) of sum(out * d_out), recomputing probabilities block by block; `offset` as in
+    `attention_forward` (dk, dv then cover all offset + L keys).
 
     All three gradients live in one packed accumulator that each block adds into, and each block
     depends on the previous sum, so the lazy graph is one chain: a block's probabilities die before
     the next block's are made.
     """
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], offset + Lq  # the accumulator spans the keys; dq sits in its last Lq rows
     G = Hq // Hkv
-    qg = q.reshape(B, Hkv, G, L, D)
-    dog = d_out.reshape(B, Hkv, G, L, D)
-    lseg = lse.reshape(B, Hkv, G, L)
-    delta = (dog.astype(mx.float32) * out.reshape(B, Hkv, G, L, D).astype(mx.float32)).sum(-1)
+    qg = q.reshape(B, Hkv, G, Lq, D)
+    dog = d_out.reshape(B, Hkv, G, Lq, D)
+    lseg = lse.reshape(B, Hkv, G, Lq)
+    delta = (dog.astype(mx.float32) * out.reshape(B, Hkv, G, Lq, D).astype(mx.float32)).sum(-1)
+    k, v = k[:, :, :L], v[:, :, :L]
     kf, vf = k.astype(mx.float32), v.astype(mx.float32)
     acc = mx.zeros((B, Hkv, L, (G + 2) * D), dtype=mx.float32)  # [dq of each group | dk | dv]
-    for start, end in _blocks(L, rows):
+    for row, row_end in _blocks(Lq, rows):
+        start, end = row + offset, row_end + offset
         n, lo = end - start, first_key(start, window)
-        qb, dob = mx.depends([qg[:, :, :, start:end], dog[:, :, :, start:end]], acc)  # one block at a time
-        p = mx.exp(_scores(qb, k, scale, start, end, segments, window) - lseg[:, :, :, start:end, None])
+        qb, dob = mx.depends([qg[:, :, :, row:row_end], dog[:, :, :, row:row_end]], acc)  # one block at a time
+        p = mx.exp(_scores(qb, k, scale, start, end, segments, window) - lseg[:, :, :, row:row_end, None])
         p2 = p.reshape(B, Hkv, G * n, end - lo)
         do2 = dob.reshape(B, Hkv, G * n, D).astype(mx.float32)
         dv = p2.swapaxes(-1, -2) @ do2
         dp = do2 @ vf[:, :, lo:end].swapaxes(-1, -2)
-        ds = (p * (dp.reshape(p.shape) - delta[:, :, :, start:end, None])).reshape(B, Hkv, G * n, end - lo)
+        ds = (p * (dp.reshape(p.shape) - delta[:, :, :, row:row_end, None])).reshape(B, Hkv, G * n, end - lo)
         dq = (ds @ kf[:, :, lo:end]) * scale
         dk = (ds.swapaxes(-1, -2) @ qb.reshape(B, Hkv, G * n, D).astype(mx.float32)) * scale
         dq = dq.reshape(B, Hkv, G, n, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, n, G * D)
@@ -106,32 +111,40 @@ def attention_backward(q, k, v, out, lse, d_out, scale: float, rows: int, segmen
             [mx.pad(dq, [(0, 0), (0, 0), (start, L - end), (0, 0)]), mx.pad(dk, pad), mx.pad(dv, pad)], axis=-1
         )
         acc = acc + block
-    dq = acc[..., : G * D].reshape(B, Hkv, L, G, D).transpose(0, 1, 3, 2, 4).reshape(B, Hq, L, D)
+    dq = acc[:, :, offset:, : G * D].reshape(B, Hkv, Lq, G, D).transpose(0, 1, 3, 2, 4).reshape(B, Hq, Lq, D)
     dk, dv = acc[..., G * D : (G + 1) * D], acc[..., (G + 1) * D :]
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def efficient_attention(
-    q, k, v, scale: float, block_bytes: int = 64 << 20, segments=None, saved=None, window: int | None = None
-):
+    q, k, v, scale: float, block_bytes: int = 64 << 20, segments=None, saved=None, window: int | None = None,
+    offset: int = 0,
+):  # fmt: skip
     """Causal softmax attention (optionally within segments: packed documents never see each other;
     optionally within a sliding window) with a memory-efficient custom backward. Returns (output,
     log-sum-exp); gradients flow to q, k, v.
 
     `saved`: (output, lse) already computed for these very q, k, v; a recomputation for the
-    backward pass then skips the forward.
+    backward pass then skips the forward. `offset`: q's rows are positions [offset, offset + Lq) and k, v
+    hold positions [0, offset + Lq) (a context-parallel rank's queries over the keys gathered before them).
     """
-    keys = q.shape[2] if window is None else min(q.shape[2], window + 1024)  # a block reads <= window + rows keys
+    keys = k.shape[2] if window is None else min(k.shape[2], window + 1024)  # a block reads <= window + rows keys
     rows = query_block(q.shape[0], q.shape[1], keys, block_bytes)
 
     @mx.custom_function
     def attend(q, k, v):
-        return tuple(saved) if saved is not None else attention_forward(q, k, v, scale, rows, segments, window)
+        if saved is not None:
+            return tuple(saved)
+        return attention_forward(q, k, v, scale, rows, segments, window, offset)
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
         q, k, v = primals
-        return attention_backward(q, k, v, outputs[0], outputs[1], cotangents[0], scale, rows, segments, window)
+        dq, dk, dv = attention_backward(q, k, v, *outputs, cotangents[0], scale, rows, segments, window, offset)
+        if dk.shape[2] < k.shape[2]:  # keys after the last query get no gradient
+            pad = [(0, 0), (0, 0), (0, k.shape[2] - dk.shape[2]), (0, 0)]
+            dk, dv = mx.pad(dk, pad), mx.pad(dv, pad)
+        return dq, dk, dv
 
     return attend(q, k, v)
 

@@ -96,7 +96,7 @@ class TorchBackend:
             for m, scale in zip(layers, scales):
                 m.scale = scale
 
-    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None):
+    def train(self, model, split, val, cfg, run_dir, progress, resume=False, max_steps=None, world=None):
         """The plain loop: one phase at the dataset's length, no orchestrator or checkpoints."""
         from mlx_ltc.train import phases
         from mlx_ltc.train.batches import endless_indices

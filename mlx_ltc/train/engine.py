@@ -13,10 +13,13 @@ Three parts, each switchable (config section `memory`):
   The peak is then weights + checkpoints + one layer's working set, linear in L.
 
 Works on mlx-lm's llama and starcoder2 models (pre-norm blocks: attention half then MLP half).
+With `memory.context_parallel` under `mlx.launch`, each rank runs these stages on its share of the
+positions and attention gathers the keys (`context_parallel`).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_ltc.config import MemoryConfig
@@ -24,6 +27,7 @@ from mlx_ltc.errors import UserError
 from mlx_ltc.models import patch
 from mlx_ltc.numerics.attention import efficient_attention
 from mlx_ltc.numerics.loss import chunked_nll, head_of, next_token_targets, nll_sum, nll_sum_chunked, token_nll
+from mlx_ltc.train import context_parallel
 
 __all__ = ["SUPPORTED", "StagedStep", "loss_and_grad", "stages", "use_efficient_attention"]
 
@@ -110,11 +114,16 @@ def _vjp(module, fn, inputs, cotangent):
 
 class StagedStep:
     """Callable like `nn.value_and_grad(model, nll_sum)`: (model, tokens, lengths) ->
-    ((summed NLL, token count), gradients of the summed NLL w.r.t. the trainable parameters)."""
+    ((summed NLL, token count), gradients of the summed NLL w.r.t. the trainable parameters).
 
-    def __init__(self, model, cfg: MemoryConfig, on_stage=None):
+    With a distributed `world` and `cfg.context_parallel`, the sums and gradients are this rank's share
+    of its positions' (the caller sums them over the ranks)."""
+
+    def __init__(self, model, cfg: MemoryConfig, on_stage=None, world=None):
         check_supported(model)
         self.cfg = cfg
+        self.world = world if cfg.context_parallel and world is not None and world.distributed else None
+        self.layout = None  # the context-parallel split of the sequence in hand
         self.block_bytes = cfg.block_mb << 20
         self.on_stage = on_stage or (lambda: None)
         self.mlp_width = model.args.intermediate_size
@@ -136,6 +145,9 @@ class StagedStep:
 
     def _attention_half(self, layer, x, saved=None):
         xn = layer.input_layernorm(x)
+        if self.layout is not None:
+            out, saved = context_parallel.attend(layer.self_attn, xn, self.layout, self.block_bytes, saved)
+            return x + out, saved
         if self.cfg.attention == "efficient":
             out, saved = _attend(layer.self_attn, xn, self.block_bytes, saved)
             return x + out, saved
@@ -186,8 +198,33 @@ class StagedStep:
         self._eval(dx, *grads.values())
         return dx
 
+    def _local(self, *arrays):
+        """The rank's positions of each (B, L, ...) array (all of them without context parallelism)."""
+        if self.world is None:
+            return arrays
+        self.layout = context_parallel.Layout(self.world, arrays[0].shape[1], context_parallel.ZIGZAG)
+        return tuple(self.layout.local(a) for a in arrays)
+
+    def target_nll(self, model, tokens, chunk: int = 128) -> np.ndarray:
+        """(B, T-1) next-token NLL of every position, as `eval.target_nll`, through the staged forward (and
+        across the ranks' positions with context parallelism: every rank gets the whole array)."""
+        inputs, targets = self._local(tokens[:, :-1], tokens[:, 1:])
+        h = model.model.embed_tokens(inputs)
+        for layer in model.layers:
+            h = self._forward(layer, h)
+        head, norm, parts = head_of(model), model.model.norm, []
+        for s in range(0, h.shape[1], chunk):
+            parts.append(token_nll(head(norm(h[:, s : s + chunk])).astype(mx.float32), targets[:, s : s + chunk]))
+            self._eval(parts[-1])
+        nll = mx.concatenate(parts, axis=1)
+        if self.layout is not None:
+            gathered = context_parallel.gather_positions(nll[:, None, :, None], self.layout)
+            nll = gathered[:, 0, : tokens.shape[1] - 1, 0]
+        return np.array(nll, dtype=np.float64)
+
     def __call__(self, model, tokens, lengths):
         inputs, targets, weights = next_token_targets(tokens, lengths)
+        inputs, targets, weights = self._local(inputs, targets, weights)
         layers = model.layers
         per_stage = self.cfg.layers_per_stage or 1
         plan = stages(len(layers), per_stage)
@@ -223,12 +260,17 @@ class StagedStep:
         return (loss, weights.sum()), tree_unflatten(list(grads.items()))
 
 
-def loss_and_grad(model, cfg: MemoryConfig, on_stage=None):
+def loss_and_grad(model, cfg: MemoryConfig, on_stage=None, world=None):
     """The step function `train` uses: staged, or one graph with the chosen attention and loss."""
     if cfg.attention == "efficient":
         use_efficient_attention(model, cfg.block_mb << 20)
+    if cfg.context_parallel and not (cfg.staged and cfg.attention == "efficient"):
+        raise UserError(
+            "memory.context_parallel needs the memory engine's staged steps and attention "
+            "(memory.policy engine or engine_sqrt)"
+        )
     if cfg.staged:
-        return StagedStep(model, cfg, on_stage)
+        return StagedStep(model, cfg, on_stage, world)
     if cfg.loss == "chunked":
         vocab = model.args.vocab_size
         return nn.value_and_grad(model, lambda m, t, n: nll_sum_chunked(m, t, n, loss_chunk(cfg, t.shape[0], vocab)))

@@ -8,6 +8,11 @@ from its last checkpoint repeats the same steps with the same numbers as if it h
 Files in the run directory: `metrics.jsonl`, one line per optimizer step of the run's current
 history (a rollback or a resume cuts it back to the checkpoint); `events.jsonl`, every decision and
 incident ever, append-only, each with its inputs.
+
+Under `mlx.launch` every rank runs this loop on the same state: the gradients, the loss and the
+validation numbers are summed over the ranks (`Updater`, `eval.position_nll`), so every rank makes the
+same decisions. The main rank alone writes the run directory and reads checkpoints back; the others get
+them from it (`distributed.World.broadcast_*`).
 """
 
 import itertools
@@ -24,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_ltc import hardware
 from mlx_ltc.config import Config
 from mlx_ltc.data import Split
+from mlx_ltc.distributed import World
 from mlx_ltc.errors import Interrupted, UserError
 from mlx_ltc.runtime.checkpoints import Checkpoints
 from mlx_ltc.runtime.interrupt import StopRequest
@@ -60,17 +66,28 @@ def _log(msg):
 
 class Trainer:
     def __init__(
-        self, model, train_split: Split, val_split: Split, cfg: Config, run_dir: Path, log=_log, progress: bool = True
+        self,
+        model,
+        train_split: Split,
+        val_split: Split,
+        cfg: Config,
+        run_dir: Path,
+        log=_log,
+        progress: bool = True,
+        world: World | None = None,
     ):
         if len(train_split) == 0:
             raise UserError("the training split is empty")
+        self.world = world = world or World()
+        if not world.main:  # one voice: the main rank's
+            log, progress = (lambda msg: None), False
         self.model, self.train_split, self.cfg, self.log, self.progress = model, train_split, cfg, log, progress
         self.bar = None  # the progress bar while run() runs
         self.run_dir = Path(run_dir)
         self.val = val_split.rows(slice(0, cfg.orchestrator.eval_sequences))
         if cfg.train.grad_checkpoint and not cfg.memory.staged:
             enable_grad_checkpoint(model)
-        self.updater = Updater(model, cfg.train, cfg.memory)
+        self.updater = Updater(model, cfg.train, cfg.memory, world)
         self.checkpoints = Checkpoints(self.run_dir, cfg.checkpoint.keep_last, log)
         self.orchestrator = Orchestrator(cfg.orchestrator)
         self.stability = StabilityState()
@@ -97,7 +114,7 @@ class Trainer:
         split = self._data[phase.index]
         order = endless_indices(len(split), phase.micro_batch, self.cfg.train.seed + 1000 * phase.index)
         for idx in itertools.islice(order, self.state.cursor, None):
-            yield mx.array(split.tokens[idx]), mx.array(split.weights[idx]), int(split.real[idx].sum())
+            yield mx.array(split.tokens[idx]), mx.array(split.weights[idx]), split.real[idx]
 
     def _eval_every(self, phase: phases.Phase) -> int:
         return self.cfg.orchestrator.eval_every or max(1, phase.steps // 8)
@@ -112,6 +129,8 @@ class Trainer:
         }
 
     def save(self, why: str) -> None:
+        if not self.world.main:
+            return
         keep = {self.orchestrator.state.best_step}
         opt_state = dict(tree_flatten(self.updater.optimizer.state))
         adapters = dict(tree_flatten(self.model.trainable_parameters()))
@@ -137,8 +156,22 @@ class Trainer:
         mx.eval(self.model.trainable_parameters(), self.updater.optimizer.state)
         self._cut_metrics(step)
 
+    def _load(self, at_most: int | None = None, good_only: bool = False):
+        """`Checkpoints.load` on the main rank, its result on every rank."""
+        world = self.world
+        found = self.checkpoints.load(at_most, good_only) if world.main else None
+        if not world.distributed:
+            return found
+        head = world.broadcast_json(None if found is None else [found[0], found[3]])
+        if head is None:
+            return None
+        adapters = world.broadcast_arrays(found[1] if found else None)
+        optimizer = world.broadcast_arrays(found[2] if found else None)
+        return head[0], adapters, optimizer, head[1]
+
     def _cut_metrics(self, step: int) -> None:
-        self.metrics.keep(lambda r: r["step"] <= step)
+        if self.world.main:
+            self.metrics.keep(lambda r: r["step"] <= step)
 
     def rows(self) -> list:
         return self.metrics.rows()
@@ -147,12 +180,13 @@ class Trainer:
     def start(self, total_steps: int) -> None:
         self.state.plan = [p.to_dict() for p in phases.plan(self.cfg, total_steps)]
         self.model.train()
-        self.metrics.start()
+        if self.world.main:
+            self.metrics.start()
         self._describe_plan()
         self.save("start")
 
     def resume(self, max_steps: int | None = None) -> None:
-        found = self.checkpoints.load()
+        found = self._load()
         if found is None:
             raise UserError(f"{self.run_dir} has no usable checkpoint to resume from")
         step, adapters, optimizer, state = found
@@ -186,6 +220,8 @@ class Trainer:
 
     # --- events --------------------------------------------------------------------------------
     def _event(self, event: Event, show: bool = True) -> None:
+        if not self.world.main:
+            return
         row = {**event.to_dict(), "attempt": self.state.attempts, "phase": self.state.phase}
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -213,8 +249,9 @@ class Trainer:
                 self.wandb.finish()
         n = sum(p.size for _, p in tree_flatten(self.model.trainable_parameters()))
         state = self.state
+        report = self.report() if self.world.main else {}
         return TrainResult(state.step, state.tokens, state.train_s, state.tokens / max(state.train_s, 1e-9),
-                           hardware.peak_memory_gb(), state.last_loss, n, self.report())  # fmt: skip
+                           hardware.peak_memory_gb(), state.last_loss, n, report)  # fmt: skip
 
     def _loop(self, bar) -> None:
         while not self.state.done:
@@ -226,11 +263,13 @@ class Trainer:
                     phase=state.phase + 1, L=self.phase.seq_len, loss=f"{state.last_loss:.3f}", refresh=False
                 )
                 bar.update(state.step - bar.n)  # negative after a rollback
-                if self.stop.requested and not self.state.done:
+                if self.world.any(self.stop.requested) and not self.state.done:  # every rank stops here
                     self.save("interrupted (Ctrl-C)")
-                    raise Interrupted(
+                    raise Interrupted(  # said once, by the main rank: the others' run_dir is private
                         f"interrupted: saved a checkpoint at step {self.state.step}; continue with "
                         f"mlx-ltc train --resume {self.run_dir}"
+                        if self.world.main
+                        else ""
                     )
 
     def report(self) -> dict:
@@ -281,6 +320,9 @@ class Trainer:
             return True
         row = {"step": state.step, "phase": state.phase + 1, "seq_len": phase.seq_len, "loss": loss, "lr": lr,
                "grad_norm": grad_norm, "tokens": state.tokens}  # fmt: skip
+        if self.world.distributed:
+            u = self.updater
+            row.update({"ranks": self.world.size, "wait_s": u.wait_s, "all_reduce_s": u.all_reduce_s})
         decisions = []
         if state.phase_step % self._eval_every(phase) == 0 or state.phase_step >= phase.steps:
             decisions = self._evaluate(row, last=state.phase == len(state.plan) - 1)
@@ -299,7 +341,8 @@ class Trainer:
             }
         )
         self.pending = []
-        self.metrics.append(row)
+        if self.world.main:
+            self.metrics.append(row)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "events"}, step=state.step)
         return self._decide(decisions, phase)
@@ -312,7 +355,10 @@ class Trainer:
             self.bar.set_description_str("train (validating)", refresh=True)
         split = phases.view(self.val, self.phase.seq_len)
         # Decisions follow the held-out files' loss (the headline), commit chains are logged beside it.
-        measured, total, count = position_nll(self.model, split, self.cfg.train.eval_batch_size, only="file")
+        nll_fn = self.updater.step_fn.target_nll if self.updater.context_parallel else None
+        measured, total, count = position_nll(
+            self.model, split, self.cfg.train.eval_batch_size, only="file", world=self.world, nll_fn=nll_fn
+        )
         loss = measured.by_kind["file"]["loss"] if "file" in measured.by_kind else measured.loss
         self.model.train()
         if self.bar is not None:
@@ -369,7 +415,7 @@ class Trainer:
 
     def _restore_best(self, regularize: bool) -> None:
         best = self.orchestrator.state.best_step
-        found = self.checkpoints.load(at_most=best)
+        found = self._load(at_most=best)
         if found is None or found[0] != best:
             self.log(f"the best checkpoint (step {best}) is gone; keeping the current weights")
             return
@@ -388,7 +434,7 @@ class Trainer:
                 f"training is unstable: {counted.rollbacks} rollbacks, {counted.spikes} loss spikes, {counted.skipped} "
                 f"non-finite updates; lower train.lr (run kept in {self.run_dir})"
             )
-        found = self.checkpoints.load(at_most=self.state.step, good_only=True)
+        found = self._load(at_most=self.state.step, good_only=True)
         if found is None:
             raise UserError(f"training is unstable and {self.run_dir} has no good checkpoint to roll back to")
         step, adapters, optimizer, state = found
@@ -397,12 +443,13 @@ class Trainer:
         steering.lr_factor = max(
             self.cfg.orchestrator.min_lr_factor, steering.lr_factor * self.cfg.orchestrator.lr_factor
         )
-        self.checkpoints.drop_after(step)
+        if self.world.main:
+            self.checkpoints.drop_after(step)
         why = f"restored the checkpoint at step {step}; LR factor now {steering.lr_factor:g}"
         self._event(Event(step, "rollback", why, {"rollbacks": self.stability.rollbacks}))
 
     def _init_wandb(self) -> None:
-        if self.cfg.orchestrator.report_to != "wandb":
+        if self.cfg.orchestrator.report_to != "wandb" or not self.world.main:
             return
         wandb = require_wandb()
         self.wandb = wandb
