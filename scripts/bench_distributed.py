@@ -155,7 +155,7 @@ def cp(args) -> None:
             longest[ranks] = {"measured": L if fits(L) else 0, "planner": planned}
     for L in args.lens:
         measure(1, L)
-    for L in args.cp_lens or args.lens:
+    for L in [n for n in args.cp_lens or args.lens if n > 0]:  # --cp-lens 0: none
         measure(2, L)
     if budget and not args.step:  # the longest of the given lengths that fits, for each
         for ranks in (1, 2):
@@ -225,7 +225,7 @@ def main():
     parser.add_argument("--step", type=int, default=256, help="cp: the search's granularity (0: no search)")
     parser.add_argument("--lens", type=lambda s: [int(x) for x in s.split(",")], default=[])
     parser.add_argument("--cp-lens", type=lambda s: [int(x) for x in s.split(",")], default=[],
-                        help="cp: lengths for the 2 ranks [default: --lens]")  # fmt: skip
+                        help="cp: lengths for the 2 ranks [default: --lens; 0: none]")  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sequences", type=int, default=4, help="sequences per update (one per micro-batch)")
     parser.add_argument("--updates", type=int, default=3)
