@@ -242,7 +242,8 @@ def units(shape: Shape, s: Setup, L: int) -> dict:
             "layer_all": n * layer, "mlp_all": n * mlp, "scores_all": n * scores}  # fmt: skip
 
 
-# copies of one layer's gathered (B, Hkv, L, 2D) keys and values alive at once under context parallelism
+# copies of one layer's gathered (B, Hkv, L, 2D) keys and values alive at once under context parallelism: a
+# count from the code, not fitted (the planner came out 3-6% high against the measured cells, bench_distributed.py)
 GATHERED_KV = 4
 
 
