@@ -781,7 +781,7 @@ def mc_group():
     truncation."""
 
 
-@mc_group.command("train", short_help="Train GistNet, LensNet and a LoRA in cycles.")
+@mc_group.command("train", short_help="Train the gist encoder, LensNet and a LoRA in cycles.")
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="Repository (its train split trains).")
 @click.option(
     "--out",
@@ -821,13 +821,31 @@ def mc_group():
     type=click.IntRange(min=0),
     help="GistNet updates at level 2 per cycle (0: an L2 gist is its last L1 gist).",
 )
+@_setting(
+    "--encoder",
+    key="mc.train.encoder",
+    type=click.Choice(["base-lora", "gistnet", "both"]),
+    help="Who writes the gists: the base with a LoRA of its own (autoencoding + continuation), the small "
+    "GistNet, or both (the later phases use base-lora's).",
+)
+@_setting(
+    "--autoencode-steps",
+    key="mc.train.autoencode_steps",
+    type=click.IntRange(min=0),
+    help="base-lora: the first updates of the encoder phase train autoencoding alone.",
+)
+@_setting(
+    "--reading-lora/--no-reading-lora",
+    key="mc.train.reading_lora",
+    help="base-lora: train the decoder's LoRA together with the encoder (else only in the LoRA phase).",
+)
 @_setting("--split", key="mc.train.split", help="train/val/test shares (the dataset builder's).")
 @_setting("--seed", key="mc.train.seed", type=int, help="Seeds the initialisation and data order.")
 @_config_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="Phase summaries only.")
 def mc_train_cmd(repo, out, config_file, overwrite, quiet, **settings):
-    """Alternate GistNet, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
+    """Alternate the gist encoder, LensNet and a tiny LoRA on the base; a checkpoint per phase, telemetry per cycle."""
     from mlx_ltc.research.megacontext import run as mc
 
     opts = _config(config_file).mc.train
@@ -857,7 +875,8 @@ def mc_train_cmd(repo, out, config_file, overwrite, quiet, **settings):
     "--base",
     key="mc.eval.base",
     is_flag=True,
-    help="Leave the trained LoRA out: every condition on the frozen base.",
+    help="Leave the decoder's trained (reading) LoRA out: every condition read by the frozen base (a base-lora "
+    "encoder keeps its own LoRA).",
 )
 @_config_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")

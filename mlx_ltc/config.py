@@ -285,12 +285,19 @@ class McTrainConfig:
     keep: int = 2
     batch: int = 2
     lr: float = 1e-3
-    contrast: float = 1.0  # weight of GistNet's own-vs-other-gists hinge; 0: KL + NLL only
+    contrast: float = 1.0  # weight of the own-vs-other-gists hinge (both encoders); 0: none
     l2_steps: int = 0  # GistNet updates at level 2 per cycle, after the L1 ones; 0: an L2 gist is its last L1 gist
     lora_rank: int = 4
     lora_layers: int = 4
     lora_lr: float = 2e-4
     seed: int = 0  # the initialisation and the data order
+    encoder: str = "base-lora"  # the gists' writer: base-lora (the base + its own LoRA), gistnet, or both
+    encoder_rank: int = 8  # the base-lora encoder's LoRA (attention and MLP, every layer)
+    encoder_lr: float = 3e-4
+    autoencode_steps: int = 20  # base-lora: first updates on autoencoding alone (of max_steps)
+    autoencode: float = 1.0  # weights of the base-lora encoder's objectives
+    continuation: float = 1.0
+    reading_lora: bool = True  # base-lora: train the decoder's LoRA jointly with the encoder
 
 
 @dataclass(frozen=True)
@@ -300,7 +307,7 @@ class McEvalConfig:
     min_tokens: int = 3000  # shortest held-out file scored
     max_tokens: int = 6000  # longest held-out file scored
     max_files: int = 0  # score at most this many files; 0: all
-    base: bool = False  # leave the trained LoRA out: every condition on the frozen base
+    base: bool = False  # leave the reading LoRA out: every condition read by the frozen base
 
 
 @dataclass(frozen=True)
@@ -352,6 +359,7 @@ _CHOICES = {
     "evaluate.completion.modes": ("in_file", "cross_file", "fim"),  # each item
     "compare.reference_dtype": ("float32", "float64"),
     "bk.model.router": ("learned", "scattering"),
+    "mc.train.encoder": ("base-lora", "gistnet", "both"),
 }
 _POSITIVE = {
     "data.seq_len",
@@ -389,11 +397,12 @@ _AT_LEAST = dict.fromkeys(_POSITIVE, 1) | {
     "bk.eval.stream_tokens": 0, "bk.eval.chunk": 1, "bk.eval.seq_len": 2,
     "mc.train.cycles": 1, "mc.train.max_steps": 1, "mc.train.lens_contexts": 1, "mc.train.lens_candidates": 1,
     "mc.train.budget": 64, "mc.train.horizon": 2, "mc.train.blocks": 1, "mc.train.keep": 0, "mc.train.batch": 1,
-    "mc.train.l2_steps": 0, "mc.train.lora_rank": 1, "mc.train.lora_layers": 1,
+    "mc.train.l2_steps": 0, "mc.train.lora_rank": 1, "mc.train.lora_layers": 1, "mc.train.encoder_rank": 1,
+    "mc.train.autoencode_steps": 0,
     "mc.eval.budgets": 1, "mc.eval.horizon": 2, "mc.eval.min_tokens": 0, "mc.eval.max_files": 0,
 }  # fmt: skip
-_ABOVE_ZERO = {"bk.train.lr", "bk.train.max_grad_norm", "mc.train.lr", "mc.train.lora_lr"}
-_AT_LEAST_ZERO = {"bk.train.weight_decay", "mc.train.contrast"}
+_ABOVE_ZERO = {"bk.train.lr", "bk.train.max_grad_norm", "mc.train.lr", "mc.train.lora_lr", "mc.train.encoder_lr"}
+_AT_LEAST_ZERO = {"bk.train.weight_decay", "mc.train.contrast", "mc.train.autoencode", "mc.train.continuation"}
 
 
 def _check_type(key, value, hint):

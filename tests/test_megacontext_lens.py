@@ -1,7 +1,9 @@
 """LensNet: counterfactual labels from the frozen base, and the losses that train it to rank entries."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from test_megacontext_context import tree_of
 from test_megacontext_positions import tiny_llama
 
@@ -86,3 +88,25 @@ def test_legality_and_balance_terms_penalise_what_they_should():
     parts = lens.lens_loss(net, s)[1]
     assert parts["balance"].item() > 0.99 and (parts["legality"].item() > 0.99) == bool((levels == 2).any())
     assert raw.any()
+
+
+def test_the_regression_is_robust_to_huge_labels():
+    """Labels of 4 nats (an L2 gist expanded into 32 L1 gists) made the squared-error fit diverge: they are
+    clipped to 1 nat and the loss turns linear past 1/4 nat."""
+    assert lens.huber(mx.array(2.0), 5.0).item() == 2.0 and lens.huber(mx.array(-9.0), 5.0).item() == 32.5
+    mx.random.seed(0)
+    net = lens.LensNet(width=64, hidden=32, layers=1, heads=4)
+    s = synthetic_samples(1)[0]
+    huge = {**s, "labels": s["labels"].at[:3].add(4.0)}
+    clipped = {**s, "labels": mx.clip(huge["labels"], -1.0, 1.0)}
+    assert lens.lens_loss(net, huge)[1]["regression"].item() == lens.lens_loss(net, clipped)[1]["regression"].item()
+    grads = nn.value_and_grad(net, lambda net: lens.lens_loss(net, huge)[1]["regression"])(net)[1]
+    norm = sum((g**2).sum().item() for _, g in tree_flatten(grads)) ** 0.5
+    square = nn.value_and_grad(net, lambda net: ((net(*[huge[k] for k in ("vectors", "levels", "geometry")])[0][
+        huge["index"]] - huge["labels"] * lens.LABEL_SCALE) ** 2).mean())(net)[1]  # fmt: skip
+    assert norm < 0.1 * sum((g**2).sum().item() for _, g in tree_flatten(square)) ** 0.5
+    samples = synthetic_samples(6)
+    samples = [{**x, "labels": x["labels"].at[:2].add(4.0)} for x in samples]  # the labels that diverged
+    records = lens.train_lensnet(net, samples, steps=150, lr=3e-3)
+    first, last = np.mean([r["loss"] for r in records[:15]]), np.mean([r["loss"] for r in records[-15:]])
+    assert np.isfinite(last) and last < first, (first, last)

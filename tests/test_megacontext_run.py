@@ -17,7 +17,7 @@ from mlx_ltc.config import McTrainConfig
 from mlx_ltc.errors import UserError
 from mlx_ltc.research.megacontext import context as wc
 from mlx_ltc.research.megacontext import lens
-from mlx_ltc.research.megacontext.run import identifier_mask, load_run, run_settings, stream_focus
+from mlx_ltc.research.megacontext.run import LEGACY, identifier_mask, load_run, run_settings, stream_focus
 from mlx_ltc.research.megacontext.tree import mean_gist
 
 
@@ -59,14 +59,23 @@ def small_repo(root: Path) -> Path:
 def test_mc_train_then_eval_end_to_end(tmp_path):
     repo, out = small_repo(tmp_path / "repo"), tmp_path / "run"
     runner = CliRunner()
-    args = ["mc", "train", "--repo", str(repo), "--out", str(out), "--max-steps", "1", "--cycles", "1",
-            "--lens-contexts", "1", "--budget", "128", "--horizon", "16", "--split", "40/20/40", "--quiet"]  # fmt: skip
+    args = ["mc", "train", "--repo", str(repo), "--out", str(out), "--max-steps", "2", "--cycles", "1",
+            "--lens-contexts", "1", "--budget", "128", "--horizon", "16", "--split", "40/20/40", "--quiet",
+            "--encoder", "both", "--autoencode-steps", "1"]  # fmt: skip
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     state = json.loads((out / "state.json").read_text())
     assert state["done"] == ["cycle1-gist", "cycle1-lens", "cycle1-lora"]
     assert {p.name for p in (out / "checkpoints").iterdir()} == set(state["done"])
     assert (out / "checkpoints" / "cycle1-lora" / "lora.safetensors").exists()
+    for phase in ("gist", "lora"):  # both encoders; the reading LoRA from the encoder phase on
+        assert {"gistnet", "encoder", "lora"} <= {p.stem for p in (out / "checkpoints" / f"cycle1-{phase}").iterdir()}
+    encoder_rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                    if r.get("encoder") == "base-lora"]  # fmt: skip
+    assert "kl" not in encoder_rows[0] and {"ae_acc", "kl", "contrast_gap"} <= set(
+        encoder_rows[1]
+    )  # autoencoding first
+    assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
     telemetry = state["telemetry"][0]
     assert set(telemetry["loss_at_h"]) == {"64", "128", "256"} and telemetry["swap_rate"] >= 0
 
@@ -80,14 +89,21 @@ def test_mc_train_then_eval_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(rows_path.read_text())
     plain = [r for r in rows if "@" not in r["condition"]]
-    conditions = {"truncation", "mean_gist", "last_input", "gist", "full", "shuffled", "other_file", "zeroed", "lens",
-                  "gist_compact"}  # fmt: skip
+    conditions = {"truncation", "mean_gist", "last_input", "gist", "gist_lora", "full", "shuffled", "other_file",
+                  "zeroed", "lens", "gist_compact"}  # fmt: skip
     assert {(r["budget"], r["condition"]) for r in plain} == {(w, c) for w in (64, 128) for c in conditions}
     for r in rows:
         assert r["ci_low"] <= r["nll"] <= r["ci_high"] and np.isfinite(r["nll"])
+    for r in plain:  # the paired fraction of the truncation -> full gap closed, with its CI
+        assert len(r["gap_ci"]) == 2 and np.isfinite(r["gap_closed"])
+        if r["condition"] in ("truncation", "full"):
+            assert r["gap_closed"] == {"truncation": 0.0, "full": 1.0}[r["condition"]]
     by = {(r["budget"], r["condition"]): r["nll"] for r in plain}
     assert by[(64, "full")] == by[(128, "full")]
     report = (out / "eval.json").read_bytes()
+    rebuilt = json.loads(report)["reconstruction"]
+    assert set(rebuilt) == {"mean_gist", "last_input", "gist", "gist_lora", "shuffled", "no_gist"}
+    assert all(0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1 for r in rebuilt.values())
 
     base_rows = tmp_path / "base.json"  # --base: the LoRA left out; its own report, the LoRA run's kept
     result = runner.invoke(cli, [*evaluate[:4], str(base_rows), "--budgets", "64", *evaluate[7:], "--base"])
@@ -118,18 +134,28 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "f").write_text("x")
     result = runner.invoke(cli, ["mc", "train", "--repo", str(tmp_path), "--out", str(tmp_path / "f")])
     assert result.exit_code != 0 and "is a file" in result.output
+    result = runner.invoke(
+        cli, ["mc", "train", "--repo", str(tmp_path), "--out", str(tmp_path / "o"), "--l2-steps", "5"]
+    )
+    assert result.exit_code != 0 and "the base-lora encoder's L2 gist is its last L1 gist" in result.output
+    assert not (tmp_path / "o").exists()
+    result = runner.invoke(
+        cli, ["mc", "train", "--repo", str(tmp_path), "--out", str(tmp_path / "o"), "--encoder", "x"]
+    )
+    assert result.exit_code != 0 and "'x' is not one of 'base-lora', 'gistnet', 'both'" in result.output
     result = runner.invoke(cli, ["mc", "eval", str(tmp_path), "--json", str(tmp_path / "rows.json")])
     assert result.exit_code != 0 and "not a MegaContext run" in result.output
     assert not (tmp_path / "rows.json").exists()
 
 
 def test_a_run_written_before_the_config_sections_compares_equal_and_loads(tmp_path):
-    """state.json's settings as `mc train --repo R` wrote them before the options became config sections."""
+    """state.json's settings as `mc train --repo R` wrote them before the options became config sections (and
+    before the base-LoRA encoder)."""
     old = {"repo": str(tmp_path.resolve()), "model": "smollm2-135m", "split": "85/10/5", "cycles": 2, "max_steps": 60,
            "lens_contexts": 6, "lens_candidates": 12, "budget": 512, "horizon": 64, "blocks": 8, "keep": 2, "batch": 2,
            "lr": 0.001, "contrast": 1.0, "l2_steps": 0, "lora_rank": 4, "lora_layers": 4, "lora_lr": 0.0002,
            "seed": 0}  # fmt: skip
-    assert run_settings(tmp_path, McTrainConfig()) == old
+    assert run_settings(tmp_path, McTrainConfig(encoder="gistnet")) == {**LEGACY, **old}  # it was a GistNet run
     out = tmp_path / "run"
     out.mkdir()
     (out / "state.json").write_text(json.dumps({"settings": old, "done": ["cycle1-gist"], "telemetry": []}))

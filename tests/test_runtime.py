@@ -143,6 +143,6 @@ def test_mc_train_stopped_with_ctrl_c_continues_to_the_same_result(tmp_path):
         return [(r["phase"], r.get("step"), r.get("loss")) for r in log.rows()]
 
     assert losses(metrics) == losses(MetricsLog(tmp_path / "straight" / "metrics.jsonl"))
-    for name in ("gistnet", "lensnet", "lora"):
+    for name in ("encoder", "lensnet", "lora"):  # the base-LoRA encoder and the reading LoRA trained with it
         a, b = (Checkpoints(run).arrays("cycle1-lora", name) for run in (out, tmp_path / "straight"))
         assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a), name

@@ -2,11 +2,14 @@
 
 Training alternates three phases per cycle, each ending in a checkpoint (`checkpoints/cycle{c}-{phase}/`, with
 `runtime`'s manifest; each update's record in `metrics.jsonl`):
-GistNet on substitutability; LensNet on fresh counterfactual labels from contexts the current GistNet and
-LensNet produce; a tiny LoRA on the base, on the next tokens' NLL through such contexts. After each cycle,
+the gist encoder (`--encoder base-lora`: the base with a LoRA of its own, on autoencoding then autoencoding +
+continuation + contrast, the decoder's reading LoRA alongside; `gistnet`: GistNet on substitutability; `both`:
+GistNet, then the base-LoRA encoder, which the later phases use); LensNet on fresh counterfactual labels from
+contexts the current encoder and LensNet produce; a tiny LoRA on the base (the reading LoRA), on the next
+tokens' NLL through such contexts. After each cycle,
 telemetry on the val files: loss@H vs budget, swap rate, residency, latency per block. A rerun of the same
 command continues after the last finished phase; Ctrl-C stops after the current update, and the phase it
-interrupted runs again from its start.
+interrupted runs again from its start. A finished run has its training curves in `training.png`.
 
 Evaluation uses the dataset builder's test split: held-out files of 3-6K tokens, their last H tokens scored
 under each condition at each budget (see `evaluate`), plus `lens` (the focus loop streamed over the file
@@ -19,6 +22,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,15 +40,20 @@ from mlx_ltc.runtime.rundir import CONTINUE, RunDir
 from mlx_ltc.research.megacontext import context as wc
 from mlx_ltc.research.megacontext import evaluate as ev
 from mlx_ltc.research.megacontext import lens as lensnet
+from mlx_ltc.research.megacontext.encoder import EncoderConfig, LoraEncoder, encoder_compressor
 from mlx_ltc.research.megacontext.focus import Focus, extend
 from mlx_ltc.research.megacontext.gistnet import GistConfig, GistNet, compressor
-from mlx_ltc.research.megacontext.train import train_gistnet
+from mlx_ltc.research.megacontext.plots import training_curves
+from mlx_ltc.research.megacontext.train import EncoderWeights, train_encoder, train_gistnet
 from mlx_ltc.research.megacontext.tree import last_input, mean_gist
 from mlx_ltc.numerics.loss import token_nll
 
 __all__ = ["evaluate_run", "run_settings", "stream_focus", "train_run"]
 
 PHASES = ("gist", "lens", "lora")
+# settings a run written before they existed had: a GistNet-only run
+LEGACY = {"encoder": "gistnet", "encoder_rank": 8, "encoder_lr": 3e-4, "autoencode_steps": 20, "autoencode": 1.0,
+          "continuation": 1.0, "reading_lora": True}  # fmt: skip
 
 
 def repo_files(repo: Path, model_name: str, split: str, progress: bool, log) -> tuple:
@@ -129,7 +138,20 @@ def stream_focus(lens, tree_gist, tokens, budget: int, width: int, every: int = 
     return tree, entries, telemetry
 
 
-def _phase_gist(gist_net, model, train, opts, seed, log):
+def _phase_gist(nets, model, train, opts, seed, log):
+    records = []
+    if nets.gist_net is not None:
+        records += _train_gistnet(nets.gist_net, model, train, opts, seed, lambda r: log({"encoder": "gistnet", **r}))
+    if nets.encoder is not None:
+        weights = EncoderWeights(autoencode=opts.autoencode, continuation=opts.continuation, contrast=opts.contrast)
+        records += train_encoder(nets.encoder, model, train, steps=opts.max_steps,
+                                 autoencode_steps=opts.autoencode_steps, blocks=opts.blocks, keep=opts.keep,
+                                 horizon=opts.horizon, batch=opts.batch, lr=opts.encoder_lr, weights=weights,
+                                 seed=seed + 7, log=lambda r: log({"encoder": "base-lora", **r}))  # fmt: skip
+    return records
+
+
+def _train_gistnet(gist_net, model, train, opts, seed, log):
     records = train_gistnet(gist_net, model, train, steps=opts.max_steps, blocks=opts.blocks, keep=opts.keep,
                             horizon=opts.horizon, batch=opts.batch, lr=opts.lr, seed=seed, contrast=opts.contrast,
                             log=log)  # fmt: skip
@@ -144,6 +166,18 @@ def _trained_levels(opts) -> tuple:
     return (1, 2) if opts.l2_steps else (1,)
 
 
+class Nets(NamedTuple):
+    gist_net: GistNet | None  # None unless --encoder gistnet or both
+    encoder: LoraEncoder | None  # None unless --encoder base-lora or both
+    lens: lensnet.LensNet
+
+    def compressor(self, model, opts):
+        """The run's gists: the base-LoRA encoder's when it has one, else GistNet's."""
+        if self.encoder is not None:
+            return encoder_compressor(self.encoder, model.model.embed_tokens, (1,))
+        return compressor(self.gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
+
+
 def _focused(lens, tree, budget):
     """Recency tiling, then two allocator iterations with LensNet (on-policy contexts)."""
     entries = wc.recency(tree, budget)
@@ -153,10 +187,11 @@ def _focused(lens, tree, budget):
     return entries
 
 
-def _phase_lens(lens, gist_net, model, train, opts, seed, log):
+def _phase_lens(nets, model, train, opts, seed, log):
+    lens = nets.lens
     rng = np.random.default_rng(seed)
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
+    gist = nets.compressor(model, opts)
     samples = []
     for k, (history, target) in enumerate(_contexts(train, opts.lens_contexts, opts.budget, opts.horizon, rng)):
         tree = ev.build_tree(history, width, gist)
@@ -181,10 +216,11 @@ def _phase_lens(lens, gist_net, model, train, opts, seed, log):
     return records + [{"final_regression": float(np.mean(mse))}]
 
 
-def _phase_lora(model, lens, gist_net, train, opts, seed, log):
+def _phase_lora(model, nets, train, opts, seed, log):
+    lens = nets.lens
     rng = np.random.default_rng(seed)
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
+    gist = nets.compressor(model, opts)
     opt = optim.AdamW(learning_rate=opts.lora_lr, weight_decay=0.0)
 
     def loss_fn(model, tree, entries, target):
@@ -205,11 +241,12 @@ def _phase_lora(model, lens, gist_net, train, opts, seed, log):
     return records
 
 
-def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
+def _telemetry(model, nets, val, opts, cycle) -> dict:
     """loss@H vs budget (truncation and the gisted recency tiling) and the focus loop's swap rate, residency
     and latency, on fixed val contexts."""
+    lens = nets.lens
     width = model.model.embed_tokens.weight.shape[1]
-    gist = compressor(gist_net, model.model.embed_tokens, trained_levels=_trained_levels(opts))
+    gist = nets.compressor(model, opts)
     contexts = _contexts(val, 2, 2 * opts.budget, opts.horizon, np.random.default_rng(12345))
     out = {"cycle": cycle, "loss_at_h": {}}
     streams = []
@@ -234,33 +271,50 @@ def _telemetry(model, gist_net, lens, val, opts, cycle) -> dict:
     return out
 
 
-def _save(out: Path, name: str, gist_net, lens, model, records, has_lora: bool) -> None:
-    arrays = {"gistnet": dict(tree_flatten(gist_net.parameters())), "lensnet": dict(tree_flatten(lens.parameters()))}
+def _save(out: Path, name: str, nets, model, records, has_lora: bool) -> None:
+    arrays = {"lensnet": dict(tree_flatten(nets.lens.parameters()))}
+    if nets.gist_net is not None:
+        arrays["gistnet"] = dict(tree_flatten(nets.gist_net.parameters()))
+    if nets.encoder is not None:
+        arrays["encoder"] = dict(tree_flatten(nets.encoder.trainable_parameters()))
     if has_lora:
         arrays["lora"] = dict(tree_flatten(model.trainable_parameters()))
     Checkpoints(out).write(name, arrays, {"records": records})
 
 
-def _restore(path: Path, gist_net, lens, model=None) -> None:
+def _restore(path: Path, nets, model=None) -> None:
     """Load a checkpoint's nets, and its LoRA into `model` (None: leave the base as it is)."""
     problem = Checkpoints(path.parent.parent).verify(path.name)
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}")
     try:
-        gist_net.load_weights(str(path / "gistnet.safetensors"))
-        lens.load_weights(str(path / "lensnet.safetensors"))
+        if nets.gist_net is not None:
+            nets.gist_net.load_weights(str(path / "gistnet.safetensors"))
+        if nets.encoder is not None:
+            nets.encoder.load_weights(str(path / "encoder.safetensors"), strict=False)
+        nets.lens.load_weights(str(path / "lensnet.safetensors"))
         if model is not None and (path / "lora.safetensors").exists():
             model.load_weights(str(path / "lora.safetensors"), strict=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} is damaged or from other settings: {e}") from None
 
 
-def _nets(model, opts):
+def _nets(model, opts) -> Nets:
+    """Fresh nets for the run's settings (the base-LoRA encoder on an instance of the base of its own)."""
+    from mlx_ltc.config import LoraConfig
+    from mlx_ltc.train.lora import apply_lora
+
     width = model.model.embed_tokens.weight.shape[1]
     mx.random.seed(opts.seed)
     gist_net, lens = GistNet(GistConfig(width=width)), lensnet.LensNet(width)
-    mx.eval(gist_net.parameters(), lens.parameters())
-    return gist_net, lens
+    encoder = None
+    if opts.encoder in ("base-lora", "both"):
+        base = _load_base(opts.model).model
+        apply_lora(base, LoraConfig(rank=opts.encoder_rank, targets=["self_attn", "mlp"], layers=-1), opts.seed + 1)
+        encoder = LoraEncoder(base, EncoderConfig(seed=opts.seed))
+    nets = Nets(gist_net if opts.encoder in ("gistnet", "both") else None, encoder, lens)
+    mx.eval([n.parameters() for n in nets if n is not None])
+    return nets
 
 
 def run_dir(out: Path) -> RunDir:
@@ -273,16 +327,23 @@ def run_settings(repo: Path, opts: McTrainConfig) -> dict:
     return {"repo": str(Path(repo).resolve()), **asdict(opts)}
 
 
+def _settings_of(state: dict) -> dict:
+    """A state's settings, with what a run written before the base-LoRA encoder had (a GistNet run)."""
+    return {**LEGACY, **state["settings"]}
+
+
 def train_run(repo: Path, out: Path, opts: McTrainConfig, overwrite=False, progress=True, log=print) -> dict:
     """Train (or continue after the last finished phase) and return state.json's content. The first Ctrl-C
     stops after the current update; the phase in progress starts again on the next run."""
     out = Path(out)
+    if opts.l2_steps and opts.encoder == "base-lora":
+        raise UserError("--l2-steps trains GistNet's L2 gists; the base-lora encoder's L2 gist is its last L1 gist")
     settings = run_settings(repo, opts)
     state_path = out / "state.json"
     state = {"settings": settings, "done": [], "telemetry": []}
 
     def changed(out: Path) -> list:
-        old = _read_json(state_path)["settings"]
+        old = _settings_of(_read_json(state_path))
         return sorted(k for k in settings if old.get(k) != settings[k])
 
     verdict = run_dir(out).check(overwrite, changed)
@@ -305,13 +366,13 @@ def train_run(repo: Path, out: Path, opts: McTrainConfig, overwrite=False, progr
     atomic.write_json(out / "heldout.json", {"files": test})
     loaded = _load_base(opts.model)
     model = loaded.model
-    gist_net, lens = _nets(model, opts)
-    has_lora = False
+    nets = _nets(model, opts)
+    reading = opts.reading_lora and nets.encoder is not None  # the reading LoRA trains with the encoder
+    has_lora = reading or any(d.endswith("-lora") for d in state["done"])
+    if has_lora:
+        _with_lora(model, opts)
     if state["done"]:
-        has_lora = any(d.endswith("-lora") for d in state["done"])
-        if has_lora:
-            _with_lora(model, opts)
-        _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, model)
+        _restore(out / "checkpoints" / state["done"][-1], nets, model)
         log(f"continuing after {state['done'][-1]}")
     stop = StopRequest(
         log, "stopping after this update; the phase in progress starts again on the next run", "abort at once"
@@ -337,21 +398,22 @@ def train_run(repo: Path, out: Path, opts: McTrainConfig, overwrite=False, progr
                         )
 
                 if phase == "gist":
-                    records = _phase_gist(gist_net, model, train, opts, seed, step_log)
+                    records = _phase_gist(nets, model, train, opts, seed, step_log)
                 elif phase == "lens":
-                    records = _phase_lens(lens, gist_net, model, train, opts, seed, step_log)
+                    records = _phase_lens(nets, model, train, opts, seed, step_log)
                 else:
                     if not has_lora:
                         _with_lora(model, opts)
                         has_lora = True
-                    records = _phase_lora(model, lens, gist_net, train, opts, seed, step_log)
-                _save(out, name, gist_net, lens, model, records, has_lora)
+                    records = _phase_lora(model, nets, train, opts, seed, step_log)
+                _save(out, name, nets, model, records, has_lora)
                 state["done"].append(name)
                 log(f"{name}: {time.perf_counter() - began:.0f}s, last {records[-1]}")
                 if phase == "lora":
-                    state["telemetry"].append(_telemetry(model, gist_net, lens, val or train, opts, cycle))
+                    state["telemetry"].append(_telemetry(model, nets, val or train, opts, cycle))
                     log(f"telemetry {json.dumps(state['telemetry'][-1])}")
                 atomic.write_json(state_path, state)
+    training_curves(metrics.rows(), out / "training.png")
     run_dir(out).complete()
     return state
 
@@ -364,13 +426,13 @@ def _read_json(path: Path) -> dict:
 
 
 def load_run(out: Path, base_only: bool = False) -> tuple:
-    """(model, GistNet, LensNet, settings, held-out files) of a finished run."""
+    """(model, Nets, settings, held-out files, state) of a finished run."""
     out = Path(out)
     if not (out / "state.json").exists():
         raise UserError(f"{out} is not a MegaContext run (no state.json); run `mlx-ltc mc train` first")
     state = _read_json(out / "state.json")
     try:
-        settings = dict(state["settings"])
+        settings = _settings_of(state)
         settings.pop("repo")
         opts = McTrainConfig(**settings)
     except (KeyError, TypeError) as e:
@@ -381,12 +443,12 @@ def load_run(out: Path, base_only: bool = False) -> tuple:
             "); rerun the same `mlx-ltc mc train` command to finish it"
         )
     model = _load_base(opts.model).model
-    gist_net, lens = _nets(model, opts)
+    nets = _nets(model, opts)
     if not base_only:
         _with_lora(model, opts)
-    _restore(out / "checkpoints" / state["done"][-1], gist_net, lens, None if base_only else model)
+    _restore(out / "checkpoints" / state["done"][-1], nets, None if base_only else model)
     heldout = _read_json(out / "heldout.json").get("files", [])
-    return model, gist_net, lens, opts, heldout, state
+    return model, nets, opts, heldout, state
 
 
 def identifier_mask(f: dict, n_history: int, budget: int) -> np.ndarray:
@@ -416,7 +478,7 @@ def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=p
     """`mc eval`: the config's mc.eval section (validated by `config.merge`) over a finished run."""
     budgets, horizon, base_only = settings.budgets, settings.horizon, settings.base
     min_tokens, max_tokens, max_files = settings.min_tokens, settings.max_tokens, settings.max_files
-    model, gist_net, lens, opts, heldout, state = load_run(out, base_only)
+    model, nets, opts, heldout, state = load_run(out, base_only)
     files = [f for f in heldout if min_tokens <= len(f["tokens"]) <= max_tokens]
     if max_files:
         files = files[:max_files]
@@ -427,13 +489,20 @@ def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=p
         )
     embed = model.model.embed_tokens
     width = embed.weight.shape[1]
-    trained = compressor(gist_net, embed, trained_levels=_trained_levels(opts))
     table = np.array(embed.weight.astype(mx.float32))
-    gists = {"mean_gist": mean_gist(table), "last_input": last_input(table), "gist": trained}
-    per_file, ident, streams = {}, {}, []
+    gists = {"mean_gist": mean_gist(table), "last_input": last_input(table)}
+    if nets.gist_net is not None:
+        gists["gist"] = compressor(nets.gist_net, embed, trained_levels=_trained_levels(opts))
+    if nets.encoder is not None:
+        gists["gist_lora"] = nets.compressor(model, opts)
+    main = ev.main_gists(gists)
+    conditions = [c for c in CONDITIONS if c not in ev.GISTED or c in gists]
+    compressors = gists
+    per_file, ident, streams, rebuilt, gist_ms = {}, {}, [], {}, []
     from mlx_ltc import progress as progress_bars
 
     for k, f in enumerate(progress_bars.bar(files, desc="mc eval", enabled=progress)):
+        gists = {c: ev.memoized(g) for c, g in compressors.items()}  # each block gisted once per file
         tokens = np.asarray(f["tokens"], np.int32)
         other = np.asarray(files[(k + 1) % len(files)]["tokens"], np.int32)
         n_history = len(tokens) - horizon
@@ -442,13 +511,19 @@ def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=p
             raise UserError(
                 f"--budgets {min(budgets)} is below {f['path']}'s coarsest working context ({coarsest} positions)"
             )
+        began = time.perf_counter()  # the main encoder's cost, once per block (later lookups are memoized)
+        ev.build_tree(tokens[:-horizon], width, gists[main])
+        gist_ms.append(1000 * (time.perf_counter() - began) / (n_history // 32))
+        if nets.encoder is not None:  # the marker is the base-LoRA encoder's
+            for c, acc in ev.reconstruction(model, tokens[:-horizon], gists, nets.encoder.marker).items():
+                rebuilt.setdefault(c, []).append(acc)
         scored = {}
         full = ev.score_file(model, tokens, budgets[0], horizon, ["full"], gists)["full"]
         for w in budgets:
-            scored[w] = ev.score_file(model, tokens, w, horizon, CONDITIONS, gists, other) | {"full": full}
-            tree, entries, telemetry = stream_focus(lens, gists["gist"], tokens[:-horizon], w, width)
+            scored[w] = ev.score_file(model, tokens, w, horizon, conditions, gists, other) | {"full": full}
+            tree, entries, telemetry = stream_focus(nets.lens, gists[main], tokens[:-horizon], w, width)
             scored[w]["lens"] = wc.target_nll(model, tree, entries, tokens[-horizon:])
-            recent = wc.recency(tree, w)  # the gist condition's context, at positions 0, 1, ... instead
+            recent = wc.recency(tree, w)  # the main gists' context, at positions 0, 1, ... instead
             scored[w]["gist_compact"] = wc.target_nll(model, tree, recent, tokens[-horizon:], positions="compact")
             streams.append({"file": f["path"], "budget": w, **telemetry})
             mask = identifier_mask(f, n_history, w)
@@ -457,14 +532,14 @@ def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=p
                 if mask.any():
                     ident.setdefault((w, condition), []).append(float(nll[mask].mean()))
             ident.setdefault((w, "_tokens"), []).append(int(mask.sum()))
-        shown = [f"W={w} {c} {v[-1]:.3f}" for (w, c), v in per_file.items() if c in ("truncation", "gist", "lens")]
+        shown = [f"W={w} {c} {v[-1]:.3f}" for (w, c), v in per_file.items() if c in ("truncation", main, "lens")]
         log(f"{f['path']} ({len(tokens)} tokens): {', '.join(shown)}")
     rows, ident_rows, gaps = [], [], []
     for (w, condition), values in sorted(per_file.items()):
         nll, low, high = ev.bootstrap_mean(values)
-        rows.append(
-            {"budget": w, "condition": condition, "nll": nll, "ci_low": low, "ci_high": high, "files": len(values)}
-        )
+        point, gap_low, gap_high = ev.gap_closed(per_file[(w, "truncation")], values, per_file[(w, "full")])
+        rows.append({"budget": w, "condition": condition, "nll": nll, "ci_low": low, "ci_high": high,
+                     "gap_closed": point, "gap_ci": [gap_low, gap_high], "files": len(values)})  # fmt: skip
     for (w, condition), values in sorted(ident.items()):
         if condition != "_tokens" and len(values) >= 2:
             nll, low, high = ev.bootstrap_mean(values)
@@ -472,21 +547,27 @@ def evaluate_run(out: Path, settings: McEvalConfig, progress: bool = True, log=p
                                "ci_high": high, "files": len(values),
                                "tokens": sum(ident[(w, "_tokens")])})  # fmt: skip
     for w in budgets:
-        for method in ("mean_gist", "last_input", "gist", "gist_compact", "lens", "shuffled", "other_file", "zeroed"):
+        for method in [c for c in scored[w] if c not in ("truncation", "full")]:
             point, low, high = ev.gap_closed(per_file[(w, "truncation")], per_file[(w, method)], per_file[(w, "full")])
             gaps.append({"budget": w, "condition": method, "gap_closed": point, "ci_low": low, "ci_high": high})
-        diff = np.array(per_file[(w, "lens")]) - np.array(per_file[(w, "gist")])
-        mean, low, high = ev.bootstrap_mean(diff)
-        gaps.append({"budget": w, "condition": "lens-minus-recency", "nll_diff": mean, "ci_low": low, "ci_high": high})
+        for name, a, b in (("lens-minus-recency", "lens", main), (f"{main}-minus-shuffled", main, "shuffled"),
+                           *((("gist_lora-minus-gist", "gist_lora", "gist"),) if {"gist", "gist_lora"} <= set(gists)
+                             else ())):  # fmt: skip
+            diff = np.array(per_file[(w, a)]) - np.array(per_file[(w, b)])
+            mean, low, high = ev.bootstrap_mean(diff)
+            gaps.append({"budget": w, "condition": name, "nll_diff": mean, "ci_low": low, "ci_high": high})
     swap = {w: float(np.mean([s["swap_rate"] for s in streams if s["budget"] == w])) for w in budgets}
     res = {w: [s["residency"] for s in streams if s["budget"] == w and s["residency"] is not None] for w in budgets}
+    reconstruction = {c: dict(zip(("accuracy", "ci_low", "ci_high"), ev.bootstrap_mean(v))) for c, v in rebuilt.items()}
     return {"rows": rows, "identifier_rows": ident_rows, "gap_closed": gaps, "files": [f["path"] for f in files],
-            "horizon": horizon, "base_only": base_only, "lora": not base_only,
+            "horizon": horizon, "base_only": base_only, "lora": not base_only, "main_gists": main,
+            "reconstruction": reconstruction,
             "telemetry": {"per_budget": {w: {"swap_rate": swap[w],
                                              "residency": float(np.mean(res[w])) if res[w] else None,
                                              "ms_per_block": float(np.mean([s["ms_per_block"] for s in streams
                                                                             if s["budget"] == w]))}
-                                         for w in budgets}, "streams": streams},
+                                         for w in budgets}, "streams": streams,
+                          "gist_ms_per_block": float(np.mean(gist_ms))},
             "training_telemetry": state["telemetry"]}  # fmt: skip
 
 
@@ -499,15 +580,27 @@ def table(result: dict) -> str:
     for g in result["gap_closed"]:
         key = "gap_closed" if "gap_closed" in g else "nll_diff"
         gaps.append([g["budget"], g["condition"], key, f"{g[key]:+.3f}", f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"])
+    rebuilt = [[c, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
+               for c, r in result.get("reconstruction", {}).items()]  # fmt: skip
     focus = []
     for w, t in result["telemetry"]["per_budget"].items():
         residency = "n/a" if t["residency"] is None else f"{t['residency']:.1f}"
         focus.append([w, f"{t['swap_rate']:.3f}", residency, f"{t['ms_per_block']:.1f}"])
+    gist_ms = result["telemetry"].get("gist_ms_per_block")
     return "\n".join(
         [
             tables.text(["budget", "condition", "NLL", "95% CI", "files"], rows, align="rlrrr"),
             tables.text(["budget", "condition", "measure", "value", "95% CI"], gaps, align="rllrr"),
-            "focus loop:\n"
+            f"focus loop ({result['main_gists']} gists; writing them took {gist_ms:.1f} ms per block, "
+            "not counted below):\n"
             + tables.text(["budget", "actions/block", "residency (iterations)", "ms/block"], focus, align="rrrr"),
+            *(
+                [
+                    "reconstruction from one L1 gist per block (token accuracy):\n"
+                    + tables.text(["gists", "accuracy", "95% CI"], rebuilt, align="lrr")
+                ]
+                if rebuilt
+                else []
+            ),
         ]
     )

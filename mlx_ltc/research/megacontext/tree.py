@@ -4,7 +4,8 @@ L2 gists (one per 32 L1 gists, i.e. 1,024 tokens).
 Append-only: tokens arrive at the end; each block that completes is gisted, and each 32 L1 gists that
 complete are gisted again; an incomplete tail stays raw. `gist(level, inputs)` is the compressor (GistNet,
 or a fixed one: `last_input`, `mean_gist`): level 1 gets a block's 32 token ids, level 2 its 32 L1 gists, and
-both return one vector of `width` (the base model's embedding space).
+both return one vector of `width` (the base model's embedding space). A compressor with a `many(level, list of
+inputs)` attribute gists all the blocks an append completes in one call.
 
 On disk a tree is a directory with one file per level, `level0.bin` (token ids, int32), `level1.bin`,
 `level2.bin` (gists): a fixed 128-byte header (magic, version, level, block size, width, dtype, model id),
@@ -58,10 +59,12 @@ class GistTree:
         self.levels[0] = np.concatenate([self.levels[0], np.asarray(tokens, np.int32)])
         for level in range(1, LEVELS):
             below, have = self.levels[level - 1], len(self.levels[level])
-            new = [
-                np.asarray(gist(level, below[i * self.block : (i + 1) * self.block]), dtype=np.float32)
-                for i in range(have, len(below) // self.block)
-            ]
+            inputs = [below[i * self.block : (i + 1) * self.block] for i in range(have, len(below) // self.block)]
+            if inputs and hasattr(gist, "many"):  # a compressor that gists a batch of blocks in one pass
+                new = gist.many(level, inputs)
+            else:
+                new = [gist(level, i) for i in inputs]
+            new = [np.asarray(g, np.float32) for g in new]
             if new:
                 self.levels[level] = np.concatenate([self.levels[level], np.stack(new).astype(self.dtype)])
 
