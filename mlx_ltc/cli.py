@@ -793,9 +793,9 @@ def mc_group():
     "--max-steps",
     key="mc.train.max_steps",
     type=click.IntRange(min=1),
-    help="Updates per phase per cycle (GistNet, LensNet, LoRA).",
+    help="Updates per phase per cycle (each encoder, LensNet, LoRA).",
 )
-@_setting("--cycles", key="mc.train.cycles", type=click.IntRange(min=1), help="GistNet -> LensNet -> LoRA.")
+@_setting("--cycles", key="mc.train.cycles", type=click.IntRange(min=1), help="Encoder -> LensNet -> LoRA.")
 @_setting(
     "--lens-contexts",
     key="mc.train.lens_contexts",
@@ -813,7 +813,7 @@ def mc_group():
     "--contrast",
     key="mc.train.contrast",
     type=click.FloatRange(min=0),
-    help="Weight of GistNet's own-vs-other-gists hinge (0: KL + NLL only).",
+    help="Weight of the own-vs-other-gists hinge, both encoders (0: none).",
 )
 @_setting(
     "--l2-steps",

@@ -275,8 +275,8 @@ class BkSection:
 class McTrainConfig:
     model: str = ModelConfig.name  # the frozen base
     split: str = DataConfig.split  # the dataset builder's train/val/test shares
-    cycles: int = 2  # GistNet -> LensNet -> LoRA
-    max_steps: int = 60  # updates per phase per cycle (GistNet, LensNet, LoRA)
+    cycles: int = 2  # gist encoder -> LensNet -> LoRA
+    max_steps: int = 60  # updates per phase per cycle (each encoder, LensNet, LoRA)
     lens_contexts: int = 6  # contexts given counterfactual labels per cycle
     lens_candidates: int = 12  # entries labelled per context
     budget: int = 512  # working-context budget (positions) of the LensNet and LoRA phases

@@ -128,8 +128,7 @@ def train_encoder(
     joint = _Joint(encoder, reader)
 
     def loss_fn(joint, tokens, teacher):
-        loss, parts = encoder_loss(joint, tokens, teacher, keep, weights)
-        return loss, parts
+        return encoder_loss(joint, tokens, teacher, keep, weights)
 
     step = nn.value_and_grad(joint, loss_fn)
     length = blocks * 32 + horizon
