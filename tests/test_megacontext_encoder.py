@@ -116,7 +116,7 @@ def test_continuation_with_one_slot_is_gistnets_substitution_loss():
     assert abs(loss.item() - (kl2 + extra2 + hinge).item()) < 1e-5
 
 
-def test_two_slots_per_block_sit_inside_their_span_and_cost_two_positions():
+def test_two_slots_per_block_run_through_both_objectives_and_working_contexts_refuse_them():
     encoder, reader = encoder_and_reader(slots=2, reading=False)
     tokens = blocks_of(4, 3).reshape(1, 96)
     teacher = teacher_logprobs(reader, tokens, 16)
