@@ -144,6 +144,7 @@ def test_reconstruction_reports_each_gist_condition_and_the_controls():
     history = np.random.default_rng(6).integers(0, 101, 20 * 32).astype(np.int32)
     out = ev.reconstruction(reader, history, gists, encoder.marker, blocks=8)
     assert set(out) == {"last_input", "gist_lora", "shuffled", "no_gist"}
+    assert ev.reconstruction(reader, history[:31], gists, encoder.marker) == {}  # no whole block
     assert all(0.0 <= v <= 1.0 for v in out.values())
     # the measure against a direct count: 8 blocks spread over the history, each read from its last token
     rows = np.stack([history[32 * i : 32 * (i + 1)] for i in np.unique(np.linspace(0, 19, 8).round().astype(int))])

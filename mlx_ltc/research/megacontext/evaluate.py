@@ -151,6 +151,8 @@ def reconstruction(model, history: np.ndarray, gists: dict, marker, blocks: int 
     block read from the next chosen block's main gist) and "no_gist" (the marker alone: the decoder's guess
     from the block's own earlier tokens)."""
     n = len(history) // 32
+    if n == 0:  # a history shorter than one block has nothing to rebuild
+        return {}
     picks = np.unique(np.linspace(0, n - 1, min(blocks, n)).round().astype(int))
     chosen = np.stack([history[32 * i : 32 * (i + 1)] for i in picks]).astype(np.int32)
     ids = mx.array(chosen)
